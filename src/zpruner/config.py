@@ -1,0 +1,146 @@
+"""Dataclass configurations: validated on construction, serialised into every result.
+
+The CLI is a thin layer that fills these; the Python API takes them directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ZprunerError
+
+SCHEMA_VERSION = 1
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GROUPS = ("row", "layer")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Sparsity pattern. ``n``/``m`` set for N:M (n zeros in every m consecutive inputs)."""
+
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        text = text.strip().lower()
+        if text == "unstructured":
+            return cls()
+        parts = text.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ZprunerError(
+                f"pattern '{text}' is not understood; use 'unstructured' or N:M such as 2:4 or 4:8"
+            )
+        n, m = int(parts[0]), int(parts[1])
+        if m < 1 or not 0 < n < m:
+            raise ZprunerError(
+                f"pattern {n}:{m} is invalid: N (zeros per group) must satisfy 0 < N < M; e.g. 2:4"
+            )
+        return cls(n, m)
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ZprunerError(f"sparsity {sparsity} is out of range; give a fraction in [0, 1), e.g. 0.5")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how, and the calibration data that drives it.
+
+    ``pattern`` is 'unstructured' or 'N:M'. ``sparsity`` None means 0.5 for unstructured
+    and N/M for N:M (where any other value is an error). ``group`` ('row' or 'layer') is the
+    comparison group of unstructured masks; None takes the method's default.
+    ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
+    """
+
+    method: str = "wanda"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    group: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    calibration: str = "c4"
+
+    def __post_init__(self) -> None:
+        from .scores import get_score  # late import: keeps config free of torch at import
+
+        get_score(self.method)
+        pattern = self.parsed_pattern
+        if pattern.is_nm:
+            nm_sparsity = pattern.n / pattern.m
+            if self.sparsity is not None and not math.isclose(self.sparsity, nm_sparsity):
+                raise ZprunerError(
+                    f"pattern {pattern} fixes sparsity at {nm_sparsity:g}, but sparsity {self.sparsity} "
+                    "was given; drop --sparsity or make it equal N/M"
+                )
+            self.sparsity = nm_sparsity
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        check_sparsity(self.sparsity)
+        if self.group is not None and self.group not in GROUPS:
+            raise ZprunerError(f"group '{self.group}' is unknown; choose one of {', '.join(GROUPS)}")
+        for name in ("nsamples", "seqlen"):
+            if getattr(self, name) < 1:
+                raise ZprunerError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens (None = the model's
+    context capped at 2048), the first ``windows`` of them (None = all)."""
+
+    dataset: str = "wikitext2"
+    seqlen: int | None = None
+    windows: int | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("seqlen", "windows", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ZprunerError(f"eval {name} must be a positive integer, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """``name``: a hub id, a local directory, a .gguf file or a built-in alias."""
+
+    name: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ZprunerError(f"dtype '{self.dtype}' is unknown; choose one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``zpruner prune`` or ``zpruner eval`` run does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig | None = None
+    eval: EvalConfig | None = field(default_factory=EvalConfig)
+    data_dir: str | None = None
+    dense_baseline: bool = False
+    save: str | None = None
+    output_json: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}

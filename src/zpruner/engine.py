@@ -1,0 +1,124 @@
+"""The layer-wise engine. It knows no method: it carries calibration activations through the
+decoder blocks one at a time and lets a callback act on each block in between.
+
+Per block: ``visit(i, block, forward)`` (the callback may run ``forward()`` under its own
+hooks to collect statistics, then edit the block's weights), then the block is run once
+more, hooks off, to produce the next block's inputs from the edited weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import find_blocks
+
+Visit = Callable[[int, nn.Module, Callable[[], None]], None]
+
+
+class _Captured(Exception):
+    """Raised from the first block's pre-hook: the rest of the model need not run."""
+
+
+@dataclass
+class BlockCall:
+    """How the model called its first decoder block for one sample.
+
+    ``hidden`` is the hidden-state input; ``args``/``kwargs`` are every other argument the
+    model passed (attention mask, position ids, rotary position embeddings, cache
+    position, ...), replayed unchanged for every block.
+    """
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    hidden_key: str | None = None  # set when the model passes hidden states by keyword
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_key is None:
+            out = block(hidden, *self.args, **self.kwargs)
+        else:
+            out = block(*self.args, **{**self.kwargs, self.hidden_key: hidden})
+        # transformers < 5 returned (hidden, ...) tuples from decoder layers.
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _share_equal(value: Any, previous: Any) -> Any:
+    """``previous`` when it holds equal tensors, so identical per-sample masks and rotary
+    tables are stored once (an eager 2048² float mask per sample would cost GBs)."""
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
+        same = value.shape == previous.shape and value.dtype == previous.dtype and torch.equal(value, previous)
+        return previous if same else value
+    if isinstance(value, (tuple, list)) and type(value) is type(previous) and len(value) == len(previous):
+        return type(value)(_share_equal(v, p) for v, p in zip(value, previous))
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, samples: torch.Tensor, progress: bool = True) -> list[BlockCall]:
+    """Run the model up to its first block for each sample (samples: [n, seqlen] token ids)."""
+    first = find_blocks(model)[0]
+    calls: list[BlockCall] = []
+
+    def hook(_module, args, kwargs):
+        if args:
+            call = BlockCall(args[0], tuple(args[1:]), dict(kwargs))
+        else:
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            call = BlockCall(kwargs[key], (), {k: v for k, v in kwargs.items() if k != key}, key)
+        if calls:
+            call.args = _share_equal(call.args, calls[-1].args)
+            call.kwargs = {k: _share_equal(v, calls[-1].kwargs.get(k)) for k, v in call.kwargs.items()}
+        calls.append(call)
+        raise _Captured
+
+    device = model_device(model)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for sample in tqdm(samples, desc="capture inputs", unit="sample", disable=not progress, leave=False):
+            try:
+                model(sample[None].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return calls
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True
+) -> list[torch.Tensor]:
+    """Carry ``samples`` through every decoder block; returns the last block's outputs.
+
+    Memory beyond the model: one hidden-state tensor per sample (overwritten in place as
+    the blocks advance) plus whatever ``visit`` keeps for the current block.
+    """
+    blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()  # dropout off: block outputs must be the model's deterministic ones
+    try:
+        calls = capture_block_inputs(model, samples, progress)
+        hidden = [call.hidden for call in calls]
+        for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
+            if visit is not None:
+                visit(i, block, lambda block=block: _forward(block, calls, hidden, keep=False))
+            _forward(block, calls, hidden, keep=True)
+    finally:
+        model.train(was_training)
+    return hidden
+
+
+def _forward(block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool) -> None:
+    for j, call in enumerate(calls):
+        out = call.run(block, hidden[j])
+        if keep:
+            hidden[j] = out

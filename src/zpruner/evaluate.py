@@ -1,0 +1,59 @@
+"""Perplexity with the protocol of the SparseGPT / Wanda / RIA / Z-Pruner papers.
+
+The corpus, tokenised once, is cut into non-overlapping windows of ``seqlen`` tokens (the
+remainder dropped); perplexity = exp(mean next-token NLL over all predicted tokens).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .engine import model_device
+from .errors import ZprunerError
+
+
+@dataclass
+class Perplexity:
+    value: float
+    windows: int
+    seqlen: int
+    tokens: int  # predicted tokens: windows · (seqlen − 1)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Perplexity:
+    """tokens: [1, N] ids. Uses the first ``windows`` windows (all when None)."""
+    available = tokens.shape[1] // seqlen
+    if available == 0:
+        raise ZprunerError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    count = available if windows is None else min(windows, available)
+    batches = tokens[0, : count * seqlen].reshape(count, seqlen).split(batch_size)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, predicted = 0.0, 0
+    try:
+        bar = tqdm(total=count, desc="perplexity", unit="window", disable=not progress, leave=False)
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            nll += loss.item()
+            predicted += batch[:, 1:].numel()
+            bar.update(batch.shape[0])
+        bar.close()
+    finally:
+        model.train(was_training)
+    return Perplexity(math.exp(nll / predicted), count, seqlen, predicted)

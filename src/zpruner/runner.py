@@ -1,0 +1,168 @@
+"""One ``zpruner prune`` / ``zpruner eval`` run: load, calibrate, prune, evaluate, write.
+
+Outputs are written to a temporary path and renamed when complete, so a failed run never
+leaves a half-written model or results file behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import EvalConfig, RunConfig
+from .data import calibration_windows, eval_tokens, load_texts, token_digest
+from .errors import ZprunerError
+from .evaluate import perplexity
+from .layers import check_pattern, measure_sparsity
+from .models import load_model
+from .pruning import prune
+from .scores import get_score
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "zpruner": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Timer(dict):
+    """Seconds spent per named phase."""
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+def check_output_paths(config: RunConfig) -> None:
+    """Refuse before any work when an output could not be written at the end."""
+    for option, value in (("--output-json", config.output_json), ("--save", config.save)):
+        if value is None:
+            continue
+        parent = Path(value).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ZprunerError(f"{option} {value}: folder {parent} does not exist; create it first")
+    if config.save is not None and Path(config.save).is_file():
+        raise ZprunerError(f"--save {config.save} is an existing file; --save takes a directory")
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model_atomic(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict) -> None:
+    """save_pretrained (safetensors) into a sibling temp folder, then swap it in."""
+    target = Path(directory).expanduser().resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "zpruner.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
+            target.rename(old)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_context(model: nn.Module, seqlen: int, option: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ZprunerError(f"{option} {seqlen} exceeds the model's context of {limit} tokens; lower {option}")
+
+
+def eval_seqlen(model: nn.Module, config: EvalConfig) -> int:
+    """The asked window, else the model's context capped at 2048 (the papers' setting)."""
+    if config.seqlen is not None:
+        return config.seqlen
+    return min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def measure_perplexity(model, tokenizer, config: EvalConfig, data_dir, timer: Timer, progress: bool) -> dict:
+    with timer.phase("eval"):
+        tokens = eval_tokens(tokenizer, load_texts(config.dataset, data_dir))
+        result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress)
+    return {
+        "value": result.value,
+        "windows": result.windows,
+        "seqlen": result.seqlen,
+        "predicted_tokens": result.tokens,
+        "data_sha256_16": token_digest(tokens),
+    }
+
+
+def run(config: RunConfig, progress: bool = True) -> dict:
+    """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results."""
+    check_output_paths(config)
+    if config.prune is None and config.save is not None:
+        raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
+    timer = Timer()
+    results: dict = {"config": config.to_dict(), "versions": versions()}
+    with timer.phase("load"):
+        model, tokenizer = load_model(config.model)
+    if config.prune is not None:
+        check_pattern(model, config.prune.parsed_pattern)
+        check_context(model, config.prune.seqlen, "--seqlen")
+    if config.eval is not None:
+        check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
+    if config.eval is not None and (config.prune is None or config.dense_baseline):
+        key = "perplexity" if config.prune is None else "dense_perplexity"
+        ppl = measure_perplexity(model, tokenizer, config.eval, config.data_dir, timer, progress)
+        results[key] = {config.eval.dataset: ppl["value"]}
+        results[key + "_protocol"] = ppl
+    if config.prune is not None:
+        calibration = None
+        if get_score(config.prune.method).needs_activations:
+            with timer.phase("calibration"):
+                texts = load_texts(config.prune.calibration, config.data_dir)
+                calibration = calibration_windows(
+                    tokenizer, texts, config.prune.nsamples, config.prune.seqlen, config.prune.seed
+                )
+            results["calibration_sha256_16"] = token_digest(calibration)
+        with timer.phase("pruning"):
+            report = prune(model, config.prune, calibration, progress)
+        results["layer_time_s"] = report.layer_time_s
+        if config.eval is not None:
+            ppl = measure_perplexity(model, tokenizer, config.eval, config.data_dir, timer, progress)
+            results["perplexity"] = {config.eval.dataset: ppl["value"]}
+            results["perplexity_protocol"] = ppl
+    results["sparsity"] = measure_sparsity(model)
+    results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval")}
+    if config.save is not None:
+        save_model_atomic(config.save, model, tokenizer, {"config": results["config"], "versions": results["versions"]})
+    if config.output_json is not None:
+        write_json_atomic(config.output_json, results)
+    return results

@@ -1,0 +1,65 @@
+"""Activation statistics of a layer's inputs over calibration tokens, in float32.
+
+One accumulator per linear layer: running Σx, Σx² and the token count, plus XᵀX when a
+method needs a Hessian. Linear and Conv1D both take inputs [..., d_in]; the reshaping to
+[tokens, d_in] is written here once.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .layers import weight_view
+
+
+class ActivationStats:
+    """Running sums over calibration tokens for one layer with ``d_in`` inputs."""
+
+    def __init__(self, d_in: int, device: torch.device | str = "cpu", hessian: bool = False):
+        self.count = 0
+        self.sum = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: [..., d_in], any float dtype."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
+        self.count += x.shape[0]
+        self.sum += x.sum(dim=0)
+        self.sumsq += x.square().sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """‖x_j‖₂ over all calibration tokens: [d_in] (Wanda's activation norm)."""
+        return self.sumsq.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x_j]: [d_in]."""
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """E[x_j²] − E[x_j]², clamped at 0 against rounding: [d_in]."""
+        return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0)
+
+
+@contextmanager
+def record_inputs(layers: dict[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, ActivationStats]]:
+    """Accumulate the inputs of ``layers`` during every forward run inside the block."""
+    stats, handles = {}, []
+    for name, layer in layers.items():
+        d_in = weight_view(layer).shape[1]
+        acc = ActivationStats(d_in, layer.weight.device, hessian)
+        stats[name] = acc
+        handles.append(layer.register_forward_hook(lambda _m, inputs, _out, acc=acc: acc.add(inputs[0])))
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,176 @@
+"""End to end through the CLI on tiny models, and the errors a user gets for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from zpruner.cli import main
+from zpruner.layers import iter_prunable, weight_view
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def quick(model_dir, data_dir, *extra):
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--nsamples", "4", "--seqlen", "32",
+            "--eval-seqlen", "32", "--eval-windows", "4", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "2:4"), ("wanda", "4:8")])
+def test_prune_end_to_end(capsys, tmp_path, tiny_model_dir, tiny_data_dir, family, method, pattern):
+    out_json, save = tmp_path / "r.json", tmp_path / "pruned"
+    code, out, err = run_cli(capsys, "prune", *quick(tiny_model_dir(family), tiny_data_dir),
+                             "--method", method, "--pattern", pattern, "--dense-baseline",
+                             "--output-json", str(out_json), "--save", str(save))
+    assert code == 0, err
+    results = json.loads(out_json.read_text())
+    assert results["config"]["prune"]["method"] == method
+    assert results["config"]["schema_version"] == 1
+    assert results["sparsity"]["overall"] == pytest.approx(0.5)
+    assert all(v == pytest.approx(0.5) for v in results["sparsity"]["per_layer"].values())
+    assert len(results["sparsity"]["per_layer"]) == len(results["layer_time_s"]) > 0
+    assert results["perplexity"]["wikitext2"] > 1.0
+    assert results["dense_perplexity"]["wikitext2"] > 1.0
+    assert set(results["timings_s"]) == {"load", "calibration", "pruning", "eval"}
+    assert {"zpruner", "torch", "transformers"} <= set(results["versions"])
+    assert "perplexity" in out and "sparsity" in out
+
+    # The saved model reloads with plain transformers and has the same zeros.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(save)
+    layers = dict(iter_prunable(reloaded))
+    assert set(layers) == set(results["sparsity"]["per_layer"])
+    for name, layer in layers.items():
+        w = weight_view(layer)
+        assert (w == 0).float().mean().item() == pytest.approx(0.5)
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            assert ((w.reshape(w.shape[0], -1, m) == 0).sum(-1) == n).all()
+    assert json.loads((save / "zpruner.json").read_text())["config"]["prune"]["pattern"] == pattern
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_saved_model_evaluates_to_the_same_perplexity(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    out1, out2, save = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m"
+    assert main(["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--save", str(save),
+                 "--output-json", str(out1)]) == 0
+    assert main(["eval", "--model", str(save), "--data-dir", str(tiny_data_dir), "--eval-seqlen", "32",
+                 "--eval-windows", "4", "--quiet", "--output-json", str(out2)]) == 0
+    pruned, reloaded = json.loads(out1.read_text()), json.loads(out2.read_text())
+    assert reloaded["perplexity"]["wikitext2"] == pytest.approx(pruned["perplexity"]["wikitext2"], rel=1e-5)
+    assert reloaded["sparsity"]["overall"] == pytest.approx(0.5)
+
+
+def test_same_seed_same_result_other_seed_other_mask(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    results = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"r{len(results)}.json"
+        assert main(["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--seed", str(seed),
+                     "--output-json", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["calibration_sha256_16"] == results[1]["calibration_sha256_16"]
+    assert results[0]["perplexity"] == results[1]["perplexity"]
+    assert results[0]["calibration_sha256_16"] != results[2]["calibration_sha256_16"]
+
+
+def test_eval_dense_reports_perplexity_and_zero_sparsity(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "dense.json"
+    code, stdout, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir("gpt_neox")), "--data-dir",
+                                str(tiny_data_dir), "--eval-seqlen", "32", "--quiet", "--output-json", str(out))
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    assert results["config"]["prune"] is None
+    assert results["perplexity"]["wikitext2"] > 1.0
+    assert results["sparsity"]["overall"] == 0.0
+
+
+def test_per_layer_group_for_wanda_and_custom_sparsity(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "r.json"
+    assert main(["prune", *quick(tiny_model_dir("qwen2"), tiny_data_dir), "--group", "layer",
+                 "--sparsity", "0.7", "--no-eval", "--output-json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["sparsity"]["overall"] == pytest.approx(0.7, abs=1e-3)
+    assert "perplexity" not in results
+
+
+BAD_INPUTS = [
+    (["--sparsity", "1.5"], "sparsity 1.5 is out of range"),
+    (["--sparsity", "-0.1"], "sparsity -0.1 is out of range"),
+    (["--pattern", "3:2"], "pattern 3:2 is invalid"),
+    (["--pattern", "2:5"], "divisible by 5"),
+    (["--method", "obs"], "method 'obs' is unknown"),
+    (["--pattern", "2:4", "--sparsity", "0.6"], "fixes sparsity at 0.5"),
+    (["--seqlen", "100000"], "exceeds the model's context"),
+    (["--nsamples", "0"], "not a positive integer"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_input_one_error_line_nothing_written(capsys, tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
+    out_json, save = tmp_path / "r.json", tmp_path / "pruned"
+    args = quick(tiny_model_dir("llama"), tiny_data_dir, *extra, "--output-json", str(out_json), "--save", str(save))
+    try:
+        code = main(["prune", *args])
+    except SystemExit as exit_:  # argparse-level errors
+        code = exit_.code
+    _, err = capsys.readouterr()
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _expect_error(capsys, tmp_path, argv, message):
+    out_json = tmp_path / "r.json"
+    code = main([*argv, "--output-json", str(out_json)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not out_json.exists()
+
+
+def test_missing_model_path(capsys, tmp_path, tiny_data_dir):
+    _expect_error(capsys, tmp_path, ["prune", *quick(tmp_path / "nope", tiny_data_dir)], "does not exist")
+
+
+@pytest.mark.parametrize("content", [b"GGUF" + bytes(range(256)) * 4, b"GGUF\x03\x00\x00\x00garbage", b""])
+def test_corrupt_gguf(capsys, tmp_path, tiny_data_dir, monkeypatch, content):
+    monkeypatch.setenv("ZPRUNER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(content)
+    _expect_error(capsys, tmp_path, ["prune", *quick(bad, tiny_data_dir)], "not a readable GGUF model")
+    assert not list((tmp_path / "cache").rglob("config.json"))
+
+
+def test_too_little_calibration_text(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("far too short")
+    _expect_error(capsys, tmp_path, ["prune", *quick(tiny_model_dir("llama"), tiny_data_dir),
+                                     "--calibration", str(short)], "calibration text too short")
+
+
+def test_missing_data_without_hub_names_the_option(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("ZPRUNER_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    argv = ["eval", "--model", str(tiny_model_dir("llama")), "--eval-seqlen", "32", "--quiet"]
+    _expect_error(capsys, tmp_path, argv, "--data-dir")
+
+
+def test_console_script_help_documents_every_option():
+    exe = [sys.executable, "-m", "zpruner.cli"]
+    text = subprocess.run([*exe, "prune", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--model", "--method", "--sparsity", "--pattern", "--nsamples", "--seqlen", "--seed",
+                   "--eval-seqlen", "--eval-windows", "--data-dir", "--output-json", "--save", "--dtype", "--device"):
+        assert option in text
+    bad = subprocess.run([*exe, "prune", "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,63 @@
+"""Short runs of the real SmolLM2-135M on the offline data (skipped when either is absent)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from zpruner import PruneConfig, calibration_windows, eval_tokens, load_texts, measure_sparsity, perplexity, prune
+from zpruner.models import alias_path, cache_dir
+
+pytestmark = pytest.mark.real_model
+
+EVAL_SEQLEN, EVAL_WINDOWS = 512, 8
+
+
+@pytest.fixture(scope="module")
+def wikitext(smollm2, shared_data):
+    return eval_tokens(smollm2[1], load_texts("wikitext2", shared_data))
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2, shared_data):
+    return calibration_windows(smollm2[1], load_texts("c4", shared_data), nsamples=16, seqlen=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dense_ppl(smollm2, wikitext):
+    return perplexity(smollm2[0], wikitext, EVAL_SEQLEN, EVAL_WINDOWS, progress=False).value
+
+
+def pruned_ppl(smollm2, wikitext, calibration, method):
+    model = copy.deepcopy(smollm2[0])
+    prune(model, PruneConfig(method=method, sparsity=0.5, nsamples=16, seqlen=256), calibration, progress=False)
+    assert measure_sparsity(model)["overall"] == pytest.approx(0.5, abs=1e-4)
+    return perplexity(model, wikitext, EVAL_SEQLEN, EVAL_WINDOWS, progress=False).value
+
+
+def test_wikitext_tokenizes_as_the_protocol_says(wikitext):
+    assert wikitext.shape == (1, 304_986)  # shared/data/README.md; 148 windows of 2048
+
+
+def test_gguf_is_converted_once_to_plain_safetensors(smollm2):
+    converted = [p for p in (cache_dir() / "gguf").glob(alias_path("smollm2-135m").stem + "-*") if p.is_dir()]
+    assert converted and (converted[0] / "model.safetensors").is_file()
+    assert "quantization_config" not in (converted[0] / "config.json").read_text()
+
+
+def test_dense_perplexity_is_sane(dense_ppl):
+    # SmolLM2-135M scores ~21.6 at 2048 tokens; shorter windows see less context.
+    assert math.isfinite(dense_ppl) and 10 < dense_ppl < 60
+
+
+def test_wanda_beats_magnitude_and_loses_to_dense(smollm2, wikitext, calibration, dense_ppl):
+    wanda = pruned_ppl(smollm2, wikitext, calibration, "wanda")
+    magnitude = pruned_ppl(smollm2, wikitext, calibration, "magnitude")
+    assert dense_ppl < wanda
+    assert wanda * 1.5 < magnitude, (dense_ppl, wanda, magnitude)
+
+
+def test_calibration_windows_come_from_c4(smollm2, shared_data, calibration):
+    texts = load_texts("c4", shared_data)
+    assert calibration.shape == (16, 256)
+    assert torch.equal(calibration, calibration_windows(smollm2[1], texts, 16, 256, 0))
