@@ -61,3 +61,29 @@ def test_calibration_windows_come_from_c4(smollm2, shared_data, calibration):
     texts = load_texts("c4", shared_data)
     assert calibration.shape == (16, 256)
     assert torch.equal(calibration, calibration_windows(smollm2[1], texts, 16, 256, 0))
+
+
+def test_cli_prunes_saves_and_reloads_smollm2(smollm2, shared_data, tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from zpruner.cli import main
+    from zpruner.layers import iter_prunable
+
+    save, first, second = tmp_path / "smollm2-2of4", tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--data-dir", str(shared_data), "--eval-seqlen", "256", "--eval-windows", "4", "--quiet"]
+    assert main(["prune", "--model", "smollm2-135m", "--method", "wanda", "--pattern", "2:4", "--nsamples", "8",
+                 "--seqlen", "128", "--save", str(save), "--output-json", str(first), *common]) == 0
+    assert main(["eval", "--model", str(save), "--output-json", str(second), *common]) == 0
+    pruned, reloaded = json.loads(first.read_text()), json.loads(second.read_text())
+    # Q4_1 dequantization leaves a few exact zeros of its own: they count too.
+    assert pruned["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-4)
+    assert len(pruned["sparsity"]["per_layer"]) == 30 * 7
+    assert reloaded["perplexity"]["wikitext2"] == pytest.approx(pruned["perplexity"]["wikitext2"], rel=1e-4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(save)
+    for _name, layer in iter_prunable(model):
+        groups = layer.weight.reshape(layer.weight.shape[0], -1, 4)
+        assert ((groups == 0).sum(-1) >= 2).all()  # >= : the pre-existing zeros again
+    # embeddings and the tied head are never pruned
+    assert torch.equal(model.model.embed_tokens.weight, smollm2[0].model.embed_tokens.weight)
