@@ -141,6 +141,11 @@ def test_missing_model_path(capsys, tmp_path, tiny_data_dir):
     _expect_error(capsys, tmp_path, ["prune", *quick(tmp_path / "nope", tiny_data_dir)], "does not exist")
 
 
+def test_directory_that_is_not_a_model(capsys, tmp_path, tiny_data_dir):
+    (tmp_path / "empty").mkdir()
+    _expect_error(capsys, tmp_path, ["prune", *quick(tmp_path / "empty", tiny_data_dir)], "has no config.json")
+
+
 @pytest.mark.parametrize("content", [b"GGUF" + bytes(range(256)) * 4, b"GGUF\x03\x00\x00\x00garbage", b""])
 def test_corrupt_gguf(capsys, tmp_path, tiny_data_dir, monkeypatch, content):
     monkeypatch.setenv("ZPRUNER_CACHE", str(tmp_path / "cache"))
@@ -174,3 +179,20 @@ def test_console_script_help_documents_every_option():
         assert option in text
     bad = subprocess.run([*exe, "prune", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_local_text_file_as_eval_corpus_and_resave(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(["the river city played music"] * 40))
+    out, save = tmp_path / "r.json", tmp_path / "m"
+    base = [*quick(tiny_model_dir("mistral"), tiny_data_dir), "--eval-dataset", str(corpus), "--save", str(save)]
+    assert main(["prune", *base, "--sparsity", "0.3"]) == 0
+    assert main(["prune", *base, "--sparsity", "0.6", "--output-json", str(out)]) == 0  # replaces the first save
+    results = json.loads(out.read_text())
+    assert results["perplexity"][str(corpus)] > 1.0
+    assert results["perplexity_protocol"]["windows"] >= 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(save)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in iter_prunable(reloaded))
+    total = sum(m.weight.numel() for _, m in iter_prunable(reloaded))
+    assert zeros / total == pytest.approx(38 / 64)  # per row: floor(0.6 · 64 inputs) = 38 (down_proj: 57/96)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "m", "r.json"]

@@ -90,8 +90,11 @@ def resolve_source(name: str) -> Path | str:
 
 
 def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def convert_gguf(path: Path) -> Path:
@@ -139,6 +142,8 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
         if source.suffix != ".gguf":
             raise ZprunerError(f"model file {source} is not a .gguf file; give a model directory, a .gguf or a hub id")
         source = convert_gguf(source)
+    elif isinstance(source, Path) and not (source / "config.json").is_file():
+        raise ZprunerError(f"{source} has no config.json: give a transformers model directory, a .gguf or a hub id")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     try:
@@ -146,10 +151,11 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=config.trust_remote_code
         )
-    except OSError as exc:
-        where = "directory" if isinstance(source, Path) else "hub id"
-        raise ZprunerError(
-            f"could not load model {where} '{config.name}': {exc}".splitlines()[0]
-            + " (offline, give a local directory or a .gguf file; HF_HUB_OFFLINE=1 skips the hub retries)"
-        ) from exc
+    except (OSError, ValueError) as exc:  # missing files / unreachable hub; unknown architecture
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(source, Path):
+            hint = "a model directory needs config.json, weights and tokenizer files (as --save writes them)"
+        else:
+            hint = "offline, give a local directory or a .gguf file; HF_HUB_OFFLINE=1 skips the hub retries"
+        raise ZprunerError(f"could not load model '{config.name}': {reason} ({hint})") from exc
     return model.to(device).eval(), tokenizer

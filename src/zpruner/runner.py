@@ -111,10 +111,8 @@ def eval_seqlen(model: nn.Module, config: EvalConfig) -> int:
     return min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
-def measure_perplexity(model, tokenizer, config: EvalConfig, data_dir, timer: Timer, progress: bool) -> dict:
-    with timer.phase("eval"):
-        tokens = eval_tokens(tokenizer, load_texts(config.dataset, data_dir))
-        result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress)
+def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress: bool) -> dict:
+    result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress)
     return {
         "value": result.value,
         "windows": result.windows,
@@ -124,8 +122,26 @@ def measure_perplexity(model, tokenizer, config: EvalConfig, data_dir, timer: Ti
     }
 
 
+def _calibration(config: RunConfig, tokenizer) -> torch.Tensor | None:
+    if not get_score(config.prune.method).needs_activations:
+        return None
+    texts = load_texts(config.prune.calibration, config.data_dir)
+    return calibration_windows(tokenizer, texts, config.prune.nsamples, config.prune.seqlen, config.prune.seed)
+
+
+def _check_model(model: nn.Module, config: RunConfig) -> None:
+    if config.prune is not None:
+        check_pattern(model, config.prune.parsed_pattern)
+        check_context(model, config.prune.seqlen, "--seqlen")
+    if config.eval is not None:
+        check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
+
+
 def run(config: RunConfig, progress: bool = True) -> dict:
-    """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results."""
+    """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results.
+
+    Every input is checked (options, model, calibration text) before the first long phase.
+    """
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
@@ -133,32 +149,31 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     results: dict = {"config": config.to_dict(), "versions": versions()}
     with timer.phase("load"):
         model, tokenizer = load_model(config.model)
+    _check_model(model, config)
+    calibration = None
     if config.prune is not None:
-        check_pattern(model, config.prune.parsed_pattern)
-        check_context(model, config.prune.seqlen, "--seqlen")
-    if config.eval is not None:
-        check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
-    if config.eval is not None and (config.prune is None or config.dense_baseline):
-        key = "perplexity" if config.prune is None else "dense_perplexity"
-        ppl = measure_perplexity(model, tokenizer, config.eval, config.data_dir, timer, progress)
-        results[key] = {config.eval.dataset: ppl["value"]}
-        results[key + "_protocol"] = ppl
-    if config.prune is not None:
-        calibration = None
-        if get_score(config.prune.method).needs_activations:
-            with timer.phase("calibration"):
-                texts = load_texts(config.prune.calibration, config.data_dir)
-                calibration = calibration_windows(
-                    tokenizer, texts, config.prune.nsamples, config.prune.seqlen, config.prune.seed
-                )
+        with timer.phase("calibration"):
+            calibration = _calibration(config, tokenizer)
+        if calibration is not None:
             results["calibration_sha256_16"] = token_digest(calibration)
+    tokens = None
+    if config.eval is not None:
+        with timer.phase("eval"):
+            tokens = eval_tokens(tokenizer, load_texts(config.eval.dataset, config.data_dir))
+    measured = []  # (results key, perplexity entry)
+    if tokens is not None and (config.prune is None or config.dense_baseline):
+        with timer.phase("eval"):
+            key = "perplexity" if config.prune is None else "dense_perplexity"
+            measured.append((key, _perplexity_entry(model, tokens, config.eval, progress)))
+    if config.prune is not None:
         with timer.phase("pruning"):
-            report = prune(model, config.prune, calibration, progress)
-        results["layer_time_s"] = report.layer_time_s
-        if config.eval is not None:
-            ppl = measure_perplexity(model, tokenizer, config.eval, config.data_dir, timer, progress)
-            results["perplexity"] = {config.eval.dataset: ppl["value"]}
-            results["perplexity_protocol"] = ppl
+            results["layer_time_s"] = prune(model, config.prune, calibration, progress).layer_time_s
+        if tokens is not None:
+            with timer.phase("eval"):
+                measured.append(("perplexity", _perplexity_entry(model, tokens, config.eval, progress)))
+    for key, entry in measured:
+        results[key] = {config.eval.dataset: entry["value"]}
+        results[key + "_protocol"] = entry
     results["sparsity"] = measure_sparsity(model)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval")}
     if config.save is not None:
