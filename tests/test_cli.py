@@ -196,3 +196,15 @@ def test_local_text_file_as_eval_corpus_and_resave(capsys, tmp_path, tiny_model_
     total = sum(m.weight.numel() for _, m in iter_prunable(reloaded))
     assert zeros / total == pytest.approx(38 / 64)  # per row: floor(0.6 · 64 inputs) = 38 (down_proj: 57/96)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "m", "r.json"]
+
+
+def test_eval_batch_size_does_not_change_perplexity(tiny_model_dir, tiny_data_dir, tmp_path):
+    values = []
+    for batch in ("1", "3"):
+        out = tmp_path / f"b{batch}.json"
+        assert main(["eval", "--model", str(tiny_model_dir("llama")), "--data-dir", str(tiny_data_dir),
+                     "--eval-seqlen", "32", "--eval-windows", "5", "--eval-batch-size", batch, "--quiet",
+                     "--output-json", str(out)]) == 0
+        values.append(json.loads(out.read_text())["perplexity_protocol"])
+    assert values[0]["windows"] == values[1]["windows"] == 5
+    assert values[0]["value"] == pytest.approx(values[1]["value"], rel=1e-5)

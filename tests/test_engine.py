@@ -62,3 +62,48 @@ def test_capture_records_every_keyword_argument(family):
         assert cos.shape[-2] == 16
         # identical per-sample values are stored once
         assert calls[1].kwargs["position_embeddings"][0] is cos
+
+
+class _KeywordBlock(torch.nn.Module):
+    """Takes its hidden states by keyword, a per-sample keyword tensor, returns a tuple."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, *, hidden_states, offset):
+        return (torch.tanh(self.fc(hidden_states)) + offset, None)
+
+
+class _KeywordModel(torch.nn.Module):
+    def __init__(self, vocab=50, width=16, depth=3):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(_KeywordBlock(width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, ids, use_cache=False):
+        h = self.embed(ids)
+        offset = ids.float().mean()  # differs from sample to sample
+        for layer in self.layers:
+            h = layer(hidden_states=h, offset=offset)[0]
+        return self.head(h)
+
+
+def test_engine_keyword_hidden_states_tuple_outputs_and_per_sample_kwargs():
+    torch.manual_seed(0)
+    model = _KeywordModel().eval()
+    samples = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))
+    calls = capture_block_inputs(model, samples, progress=False)
+    assert [c.hidden_key for c in calls] == ["hidden_states"] * 3
+    assert len({float(c.kwargs["offset"]) for c in calls}) == 3  # per-sample values kept apart
+    hidden = run_layerwise(model, samples, progress=False)
+    expected = []
+    with torch.no_grad():
+        for sample in samples:
+            h = model.embed(sample[None])
+            for layer in model.layers:
+                h = layer(hidden_states=h, offset=sample.float().mean())[0]
+            expected.append(h)
+    for got, want in zip(hidden, expected):
+        assert torch.allclose(got, want, atol=1e-6)

@@ -73,7 +73,7 @@ class PruneConfig:
     calibration: str = "c4"
 
     def __post_init__(self) -> None:
-        from .scores import get_score  # late import: keeps config free of torch at import
+        from .scores import get_score  # late import: scores -> stats -> layers imports this module
 
         get_score(self.method)
         pattern = self.parsed_pattern

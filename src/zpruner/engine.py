@@ -33,7 +33,7 @@ class BlockCall:
     position, ...), replayed unchanged for every block.
     """
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # released once the engine owns the running hidden states
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_key: str | None = None  # set when the model passes hidden states by keyword
@@ -54,7 +54,8 @@ def _share_equal(value: Any, previous: Any) -> Any:
         same = value.shape == previous.shape and value.dtype == previous.dtype and torch.equal(value, previous)
         return previous if same else value
     if isinstance(value, (tuple, list)) and type(value) is type(previous) and len(value) == len(previous):
-        return type(value)(_share_equal(v, p) for v, p in zip(value, previous))
+        shared = [_share_equal(v, p) for v, p in zip(value, previous)]
+        return type(value)(*shared) if hasattr(value, "_fields") else type(value)(shared)
     return value
 
 
@@ -108,6 +109,8 @@ def run_layerwise(
     try:
         calls = capture_block_inputs(model, samples, progress)
         hidden = [call.hidden for call in calls]
+        for call in calls:
+            call.hidden = None  # else every block-0 input would stay alive beside ``hidden``
         for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
                 visit(i, block, lambda block=block: _forward(block, calls, hidden, keep=False))
