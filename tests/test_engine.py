@@ -52,9 +52,9 @@ def test_engine_output_differs_when_blocks_are_skipped():
 def test_capture_records_every_keyword_argument(family):
     model = build_tiny_model(family, vocab_size=300)
     samples = torch.randint(3, 300, (2, 16))
-    calls = capture_block_inputs(model, samples, progress=False)
-    assert len(calls) == 2
-    assert calls[0].hidden.shape == (1, 16, 64)
+    hidden, calls = capture_block_inputs(model, samples, progress=False)
+    assert len(calls) == len(hidden) == 2
+    assert hidden[0].shape == (1, 16, 64)
     if family == "llama":
         # rotary tables are computed once by the model and passed to every layer
         assert "position_embeddings" in calls[0].kwargs
@@ -94,7 +94,7 @@ def test_engine_keyword_hidden_states_tuple_outputs_and_per_sample_kwargs():
     torch.manual_seed(0)
     model = _KeywordModel().eval()
     samples = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))
-    calls = capture_block_inputs(model, samples, progress=False)
+    _, calls = capture_block_inputs(model, samples, progress=False)
     assert [c.hidden_key for c in calls] == ["hidden_states"] * 3
     assert len({float(c.kwargs["offset"]) for c in calls}) == 3  # per-sample values kept apart
     hidden = run_layerwise(model, samples, progress=False)

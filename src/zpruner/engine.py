@@ -26,14 +26,13 @@ class _Captured(Exception):
 
 @dataclass
 class BlockCall:
-    """How the model called its first decoder block for one sample.
+    """How the model called its first decoder block for one sample, hidden states aside.
 
-    ``hidden`` is the hidden-state input; ``args``/``kwargs`` are every other argument the
-    model passed (attention mask, position ids, rotary position embeddings, cache
-    position, ...), replayed unchanged for every block.
+    ``args``/``kwargs`` are every argument the model passed besides the hidden states
+    (attention mask, position ids, rotary position embeddings, cache position, ...),
+    replayed unchanged for every block.
     """
 
-    hidden: torch.Tensor | None  # released once the engine owns the running hidden states
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_key: str | None = None  # set when the model passes hidden states by keyword
@@ -64,17 +63,25 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, samples: torch.Tensor, progress: bool = True) -> list[BlockCall]:
-    """Run the model up to its first block for each sample (samples: [n, seqlen] token ids)."""
+def capture_block_inputs(
+    model: nn.Module, samples: torch.Tensor, progress: bool = True
+) -> tuple[list[torch.Tensor], list[BlockCall]]:
+    """Run the model up to its first block for each sample (samples: [n, seqlen] token ids).
+
+    Returns the first block's hidden-state input per sample and how it was called.
+    """
     first = find_blocks(model)[0]
+    hidden: list[torch.Tensor] = []
     calls: list[BlockCall] = []
 
     def hook(_module, args, kwargs):
         if args:
-            call = BlockCall(args[0], tuple(args[1:]), dict(kwargs))
+            hidden.append(args[0])
+            call = BlockCall(tuple(args[1:]), dict(kwargs))
         else:
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            call = BlockCall(kwargs[key], (), {k: v for k, v in kwargs.items() if k != key}, key)
+            hidden.append(kwargs[key])
+            call = BlockCall((), {k: v for k, v in kwargs.items() if k != key}, key)
         if calls:
             call.args = _share_equal(call.args, calls[-1].args)
             call.kwargs = {k: _share_equal(v, calls[-1].kwargs.get(k)) for k, v in call.kwargs.items()}
@@ -91,7 +98,7 @@ def capture_block_inputs(model: nn.Module, samples: torch.Tensor, progress: bool
                 pass
     finally:
         handle.remove()
-    return calls
+    return hidden, calls
 
 
 @torch.no_grad()
@@ -107,10 +114,7 @@ def run_layerwise(
     was_training = model.training
     model.eval()  # dropout off: block outputs must be the model's deterministic ones
     try:
-        calls = capture_block_inputs(model, samples, progress)
-        hidden = [call.hidden for call in calls]
-        for call in calls:
-            call.hidden = None  # else every block-0 input would stay alive beside ``hidden``
+        hidden, calls = capture_block_inputs(model, samples, progress)
         for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
                 visit(i, block, lambda block=block: _forward(block, calls, hidden, keep=False))

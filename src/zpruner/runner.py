@@ -113,13 +113,7 @@ def eval_seqlen(model: nn.Module, config: EvalConfig) -> int:
 
 def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress: bool) -> dict:
     result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress)
-    return {
-        "value": result.value,
-        "windows": result.windows,
-        "seqlen": result.seqlen,
-        "predicted_tokens": result.tokens,
-        "data_sha256_16": token_digest(tokens),
-    }
+    return {"value": result.value, "windows": result.windows, "seqlen": result.seqlen, "predicted_tokens": result.tokens}
 
 
 def _calibration(config: RunConfig, tokenizer) -> torch.Tensor | None:
@@ -160,20 +154,21 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if config.eval is not None:
         with timer.phase("eval"):
             tokens = eval_tokens(tokenizer, load_texts(config.eval.dataset, config.data_dir))
-    measured = []  # (results key, perplexity entry)
-    if tokens is not None and (config.prune is None or config.dense_baseline):
+        digest = token_digest(tokens)
+
+    def measure(key: str) -> None:
         with timer.phase("eval"):
-            key = "perplexity" if config.prune is None else "dense_perplexity"
-            measured.append((key, _perplexity_entry(model, tokens, config.eval, progress)))
+            entry = {**_perplexity_entry(model, tokens, config.eval, progress), "data_sha256_16": digest}
+        results[key] = {config.eval.dataset: entry["value"]}
+        results[key + "_protocol"] = entry
+
+    if tokens is not None and (config.prune is None or config.dense_baseline):
+        measure("perplexity" if config.prune is None else "dense_perplexity")
     if config.prune is not None:
         with timer.phase("pruning"):
             results["layer_time_s"] = prune(model, config.prune, calibration, progress).layer_time_s
         if tokens is not None:
-            with timer.phase("eval"):
-                measured.append(("perplexity", _perplexity_entry(model, tokens, config.eval, progress)))
-    for key, entry in measured:
-        results[key] = {config.eval.dataset: entry["value"]}
-        results[key + "_protocol"] = entry
+            measure("perplexity")
     results["sparsity"] = measure_sparsity(model)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval")}
     if config.save is not None:
