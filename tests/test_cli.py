@@ -108,6 +108,11 @@ BAD_INPUTS = [
     (["--pattern", "2:4", "--sparsity", "0.6"], "fixes sparsity at 0.5"),
     (["--seqlen", "100000"], "exceeds the model's context"),
     (["--nsamples", "0"], "not a positive integer"),
+    (["--update", "obs"], "invalid choice: 'obs'"),
+    (["--method", "sparsegpt", "--update", "sparsegpt"], "already reconstructs"),
+    (["--ec-clamp", "2"], "is not a range LO,HI"),
+    (["--ec-clamp", "1.2,2"], "must contain 1"),
+    (["--reallocate"], "--reallocate needs an N:M --pattern"),
 ]
 
 
@@ -174,7 +179,8 @@ def test_missing_data_without_hub_names_the_option(capsys, tmp_path, tiny_model_
 def test_console_script_help_documents_every_option():
     exe = [sys.executable, "-m", "zpruner.cli"]
     text = subprocess.run([*exe, "prune", "--help"], capture_output=True, text=True, check=True).stdout
-    for option in ("--model", "--method", "--sparsity", "--pattern", "--nsamples", "--seqlen", "--seed",
+    for option in ("--model", "--method", "--update", "--reallocate", "--ria-exponent", "--cvr-alpha", "--cvr-eps",
+                   "--ec-clamp", "--blocksize", "--damp", "--sparsity", "--pattern", "--nsamples", "--seqlen", "--seed",
                    "--eval-seqlen", "--eval-windows", "--data-dir", "--output-json", "--save", "--dtype", "--device"):
         assert option in text
     bad = subprocess.run([*exe, "prune", "--bogus"], capture_output=True, text=True)
@@ -208,3 +214,28 @@ def test_eval_batch_size_does_not_change_perplexity(tiny_model_dir, tiny_data_di
         values.append(json.loads(out.read_text())["perplexity_protocol"])
     assert values[0]["windows"] == values[1]["windows"] == 5
     assert values[0]["value"] == pytest.approx(values[1]["value"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method,update,pattern", [("cvr", "ec", "unstructured"), ("sparsegpt", "none", "2:4"),
+                                                   ("zpruner", "sparsegpt", "4:8"), ("ria", "ec-row", "2:4")])
+def test_methods_and_updates_end_to_end(capsys, tmp_path, tiny_model_dir, tiny_data_dir, method, update, pattern):
+    out_json = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "prune", *quick(tiny_model_dir("qwen2"), tiny_data_dir), "--method", method,
+                             "--update", update, "--pattern", pattern, "--ec-clamp", "0.8,1.25",
+                             "--output-json", str(out_json))
+    assert code == 0, err
+    results = json.loads(out_json.read_text())
+    prune = results["config"]["prune"]
+    assert (prune["method"], prune["update"], prune["ec_clamp"]) == (method, update, [0.8, 1.25])
+    assert results["sparsity"]["overall"] == pytest.approx(0.5)
+    assert set(results["layer_time_s"]) == set(results["sparsity"]["per_layer"])
+    assert f"update {update}" in out
+
+
+def test_reallocate_is_recorded(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    out_json = tmp_path / "r.json"
+    assert main(["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--method", "ria", "--pattern", "2:4",
+                 "--reallocate", "--output-json", str(out_json)]) == 0
+    results = json.loads(out_json.read_text())
+    assert results["config"]["prune"]["reallocate"] is True
+    assert results["reallocated"] and all(k.endswith("mlp.down_proj") for k in results["reallocated"])

@@ -28,9 +28,10 @@ def dense_ppl(smollm2, wikitext):
     return perplexity(smollm2[0], wikitext, EVAL_SEQLEN, EVAL_WINDOWS, progress=False).value
 
 
-def pruned_ppl(smollm2, wikitext, calibration, method):
+def pruned_ppl(smollm2, wikitext, calibration, method, **options):
     model = copy.deepcopy(smollm2[0])
-    prune(model, PruneConfig(method=method, sparsity=0.5, nsamples=16, seqlen=256), calibration, progress=False)
+    config = PruneConfig(method=method, sparsity=0.5, nsamples=16, seqlen=256, **options)
+    prune(model, config, calibration, progress=False)
     assert measure_sparsity(model)["overall"] == pytest.approx(0.5, abs=1e-4)
     return perplexity(model, wikitext, EVAL_SEQLEN, EVAL_WINDOWS, progress=False).value
 
@@ -55,6 +56,17 @@ def test_wanda_beats_magnitude_and_loses_to_dense(smollm2, wikitext, calibration
     magnitude = pruned_ppl(smollm2, wikitext, calibration, "magnitude")
     assert dense_ppl < wanda
     assert wanda * 1.5 < magnitude, (dense_ppl, wanda, magnitude)
+
+
+@pytest.fixture(scope="module")
+def magnitude_ppl(smollm2, wikitext, calibration):
+    return pruned_ppl(smollm2, wikitext, calibration, "magnitude")
+
+
+@pytest.mark.parametrize("method,update", [("ria", "none"), ("zpruner", "none"), ("cvr", "ec"), ("sparsegpt", "none")])
+def test_every_activation_method_beats_magnitude(smollm2, wikitext, calibration, dense_ppl, magnitude_ppl, method, update):
+    ppl = pruned_ppl(smollm2, wikitext, calibration, method, update=update)
+    assert dense_ppl < ppl < magnitude_ppl / 1.5, (dense_ppl, ppl, magnitude_ppl)
 
 
 def test_calibration_windows_come_from_c4(smollm2, shared_data, calibration):

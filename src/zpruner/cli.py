@@ -7,7 +7,9 @@ import sys
 
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig
 from .errors import ZprunerError
-from .scores import SCORES
+from .config import PruneConfig as _Defaults
+from .scores import method_names
+from .updates import UPDATES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +27,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def _clamp_range(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range LO,HI such as 0.5,2") from None
+    return lo, hi
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -66,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune every linear layer of every decoder block, then measure perplexity.")
     _add_model_options(p)
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default="wanda", help=f"one of: {', '.join(SCORES)}. Default: %(default)s")
+    g.add_argument("--method", default="wanda", metavar="{" + ",".join(method_names()) + "}",
+                   help="importance score, or sparsegpt (mask chosen inside its reconstruction). Default: %(default)s")
+    g.add_argument("--update", default="none", choices=UPDATES,
+                   help="correct the kept weights after the mask: energy compensation (ec = column then row) "
+                        "or SparseGPT reconstruction with the method's mask. Default: %(default)s")
     g.add_argument("--sparsity", type=float,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", default="unstructured",
@@ -79,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration", default="c4",
                    help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. Default: %(default)s")
     g.add_argument("--dense-baseline", action="store_true", help="also measure the model before pruning")
+    c = p.add_argument_group("method constants")
+    d = _Defaults()
+    c.add_argument("--reallocate", action="store_true",
+                   help="N:M only: RIA channel reallocation + linear-sum assignment where the layer's input "
+                        "channels can be permuted exactly (rows of the layers that produce them)")
+    c.add_argument("--ria-exponent", type=float, default=d.ria_exponent, help="RIA activation exponent a. Default: %(default)s")
+    c.add_argument("--cvr-alpha", type=float, default=d.cvr_alpha, help="CVR weight-variance exponent. Default: %(default)s")
+    c.add_argument("--cvr-eps", type=float, default=d.cvr_eps, help="CVR variance floor. Default: %(default)s")
+    c.add_argument("--ec-clamp", type=_clamp_range, default=d.ec_clamp, metavar="LO,HI",
+                   help="bounds of the EC scale factors. Default: %s,%s" % d.ec_clamp)
+    c.add_argument("--blocksize", type=_positive_int, default=d.blocksize, help="SparseGPT column block. Default: %(default)s")
+    c.add_argument("--damp", type=float, default=d.damp,
+                   help="SparseGPT damping, fraction of the mean Hessian diagonal. Default: %(default)s")
     g.add_argument("--save", metavar="DIR", help="write the pruned model here (safetensors, loadable by transformers)")
     _add_eval_options(p)
     _add_output_options(p)
@@ -99,7 +127,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     prune = None
     if args.command == "prune":
         prune = PruneConfig(args.method, args.sparsity, args.pattern, args.group,
-                            args.nsamples, args.seqlen, args.seed, args.calibration)
+                            args.nsamples, args.seqlen, args.seed, args.calibration, args.update,
+                            args.reallocate, args.ria_exponent, args.cvr_alpha, args.cvr_eps, args.ec_clamp,
+                            args.blocksize, args.damp)
     return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
                      getattr(args, "save", None), args.output_json)
 
@@ -109,7 +139,8 @@ def format_summary(results: dict) -> str:
     lines = [f"model       {cfg['model']['name']}"]
     if cfg["prune"]:
         p = cfg["prune"]
-        lines.append(f"method      {p['method']}  sparsity {p['sparsity']:.2f}  pattern {p['pattern']}")
+        lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
+                     f"pattern {p['pattern']}")
     lines.append(f"sparsity    {100 * results['sparsity']['overall']:.2f} % of block linear weights are zero")
     for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned" if cfg["prune"] else "model")):
         proto = results.get(key + "_protocol")

@@ -61,6 +61,12 @@ class PruneConfig:
     and N/M for N:M (where any other value is an error). ``group`` ('row' or 'layer') is the
     comparison group of unstructured masks; None takes the method's default.
     ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
+    ``update`` corrects the kept weights after the mask: 'none', 'ec' (column then row
+    energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the
+    inverse Hessian, keeping the method's mask). Method 'sparsegpt' chooses its own mask
+    inside the reconstruction. The remaining fields are the methods' constants; the
+    defaults of ``cvr_alpha``, ``cvr_eps`` and ``ec_clamp`` come from the experiment in
+    experiments/open_constants.md.
     """
 
     method: str = "wanda"
@@ -71,11 +77,29 @@ class PruneConfig:
     seqlen: int = 2048
     seed: int = 0
     calibration: str = "c4"
+    update: str = "none"
+    reallocate: bool = False  # RIA channel reallocation + linear-sum assignment (N:M only)
+    ria_exponent: float = 0.5
+    cvr_alpha: float = 0.5
+    cvr_eps: float = 1e-6
+    ec_clamp: tuple[float, float] = (0.0, float("inf"))
+    blocksize: int = 128  # SparseGPT column block
+    damp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
 
     def __post_init__(self) -> None:
-        from .scores import get_score  # late import: scores -> stats -> layers imports this module
+        # late imports: scores -> stats -> layers imports this module
+        from .scores import check_method
+        from .updates import check_clamp, check_update
 
-        get_score(self.method)
+        check_method(self.method)
+        check_update(self.update)
+        self.ec_clamp = tuple(float(v) for v in self.ec_clamp)
+        check_clamp(self.ec_clamp)
+        if self.method == "sparsegpt":
+            if self.update == "sparsegpt":
+                raise ZprunerError("method sparsegpt already reconstructs; use --update none or ec")
+            if self.group is not None:
+                raise ZprunerError("--group does not apply to method sparsegpt: it selects per column block")
         pattern = self.parsed_pattern
         if pattern.is_nm:
             nm_sparsity = pattern.n / pattern.m
@@ -90,9 +114,26 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         if self.group is not None and self.group not in GROUPS:
             raise ZprunerError(f"group '{self.group}' is unknown; choose one of {', '.join(GROUPS)}")
-        for name in ("nsamples", "seqlen"):
+        for name in ("nsamples", "seqlen", "blocksize"):
             if getattr(self, name) < 1:
                 raise ZprunerError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.reallocate and (not pattern.is_nm or self.method == "sparsegpt"):
+            raise ZprunerError("--reallocate needs an N:M --pattern and a score-based method (not sparsegpt)")
+        if not self.damp > 0:
+            raise ZprunerError(f"damp must be positive, got {self.damp}")
+        if self.cvr_eps < 0:
+            raise ZprunerError(f"cvr_eps must be >= 0, got {self.cvr_eps}")
+
+    @property
+    def uses_hessian(self) -> bool:
+        return "sparsegpt" in (self.method, self.update)
+
+    @property
+    def needs_calibration(self) -> bool:
+        from .scores import SCORES
+
+        # reallocation checks each permutation on a calibration sample
+        return self.uses_hessian or self.reallocate or SCORES[self.method].needs_activations
 
     @property
     def parsed_pattern(self) -> Pattern:

@@ -2,8 +2,9 @@
 decoder blocks one at a time and lets a callback act on each block in between.
 
 Per block: ``visit(i, block, forward)`` (the callback may run ``forward()`` under its own
-hooks to collect statistics, then edit the block's weights), then the block is run once
-more, hooks off, to produce the next block's inputs from the edited weights.
+hooks to collect statistics, then edit the block's weights; ``forward(limit=k)`` runs only
+the first k samples and returns their outputs, to check an edit), then the block is run
+once more, hooks off, to produce the next block's inputs from the edited weights.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .layers import find_blocks
 
-Visit = Callable[[int, nn.Module, Callable[[], None]], None]
+Forward = Callable[..., "list[torch.Tensor] | None"]
+Visit = Callable[[int, nn.Module, Forward], None]
 
 
 class _Captured(Exception):
@@ -117,15 +119,23 @@ def run_layerwise(
         hidden, calls = capture_block_inputs(model, samples, progress)
         for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
-                visit(i, block, lambda block=block: _forward(block, calls, hidden, keep=False))
+                visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
             _forward(block, calls, hidden, keep=True)
     finally:
         model.train(was_training)
     return hidden
 
 
-def _forward(block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool) -> None:
-    for j, call in enumerate(calls):
+def _forward(
+    block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool, limit: int | None = None
+) -> list[torch.Tensor] | None:
+    """Run the block on every sample (keep: the outputs become the next inputs), or on
+    the first ``limit`` samples only, returning their outputs."""
+    outputs = []
+    for j, call in enumerate(calls[:limit]):
         out = call.run(block, hidden[j])
         if keep:
             hidden[j] = out
+        elif limit is not None:
+            outputs.append(out)
+    return outputs if limit is not None else None

@@ -1,4 +1,8 @@
-"""``prune(model, config)``: one method applied to every decoder block through the engine."""
+"""``prune(model, config)``: one method applied to every decoder block through the engine.
+
+Per linear layer: score -> mask -> update (DESIGN.md, "The flow of data"), or, for
+method 'sparsegpt', mask and reconstruction together in the solver.
+"""
 from __future__ import annotations
 
 import time
@@ -13,8 +17,11 @@ from .engine import run_layerwise
 from .errors import ZprunerError
 from .layers import check_pattern, find_blocks, find_linears, iter_prunable, weight_view
 from .masks import keep_mask
-from .scores import Score, get_score
+from .reallocation import best_permutation
+from .scores import SCORES
+from .sparsegpt import sparsegpt
 from .stats import ActivationStats, record_inputs
+from .updates import EC_AXES, energy_compensate
 
 
 @dataclass
@@ -23,16 +30,89 @@ class PruneReport:
 
     layer_time_s: dict[str, float] = field(default_factory=dict)
     total_s: float = 0.0
+    # --reallocate: per layer whose input channels were permuted, the N:M-retained score
+    # without and with the permutation
+    reallocated: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _solve(W0: torch.Tensor, stats: ActivationStats, config: PruneConfig, keep: torch.Tensor | None):
+    return sparsegpt(W0, stats.xtx, keep=keep, sparsity=config.sparsity, pattern=config.parsed_pattern,
+                     blocksize=config.blocksize, damp=config.damp)
+
+
+def pruned_weights(
+    W0: torch.Tensor, stats: ActivationStats | None, config: PruneConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', keep) for one dense layer W0: [out, in]; W' float32 with exactly keep's zeros."""
+    W0 = W0.float()
+    if config.method == "sparsegpt":
+        W, keep = _solve(W0, stats, config, None)
+    else:
+        score = SCORES[config.method]
+        keep = keep_mask(score(W0, stats, config), config.sparsity, config.parsed_pattern,
+                         config.group or score.default_group)
+        W = _solve(W0, stats, config, keep)[0] if config.update == "sparsegpt" else W0 * keep
+    if config.update in EC_AXES:
+        W = energy_compensate(W0, W, keep, EC_AXES[config.update], config.ec_clamp)
+    return W, keep
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, score: Score, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
-    """Score, mask and zero one layer in place; returns keep: [out, in]."""
+def prune_layer(layer: nn.Module, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
+    """Prune and update one layer in place; returns keep: [out, in]."""
     W = weight_view(layer)
-    S = score.fn(W.float(), stats)
-    keep = keep_mask(S, config.sparsity, config.parsed_pattern, config.group or score.default_group)
-    W.mul_(keep.to(W.device))
+    new, keep = pruned_weights(W, stats, config)
+    W.copy_(new.to(W.dtype))
     return keep
+
+
+def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
+    """Reorder ``layer``'s input channels and, identically, the output rows (and biases) of
+    the layers that produce them: y = W[:, perm] · x[perm] is the same function."""
+    W = weight_view(layer)
+    W.copy_(W[:, perm])
+    for producer in producers:
+        Wp = weight_view(producer)
+        Wp.copy_(Wp[perm])
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.copy_(producer.bias[perm])
+
+
+def permute_stats(stats: ActivationStats, perm: torch.Tensor) -> None:
+    stats.sum, stats.sumsq = stats.sum[perm], stats.sumsq[perm]
+    if stats.xtx is not None:
+        stats.xtx = stats.xtx[perm][:, perm]
+
+
+@torch.no_grad()
+def reallocate_inputs(
+    layer: nn.Module, layers: dict[str, nn.Module], stats: ActivationStats, config: PruneConfig, forward
+) -> dict[str, float] | None:
+    """RIA channel reallocation applied so the weights end N:M in the model's own order.
+
+    A permutation of a layer's inputs is only free when it can be folded into the layers
+    that produce those inputs (e.g. gate/up rows for down_proj): candidates are the
+    block's linears whose output size is this layer's input size, and the permutation is
+    kept only if the block's output on a calibration sample is unchanged; otherwise the
+    layer gets the plain N:M mask. Returns the retained scores when applied, else None.
+    """
+    pattern = config.parsed_pattern
+    W = weight_view(layer)
+    producers = [p for p in layers.values() if p is not layer and weight_view(p).shape[0] == W.shape[1]]
+    if not producers:
+        return None
+    perm, plain, realloc = best_permutation(SCORES[config.method](W.float(), stats, config), pattern.n, pattern.m)
+    if perm is None:
+        return None
+    perm = perm.to(W.device)
+    before = forward(limit=1)[0]
+    permute_inputs(layer, producers, perm)
+    after = forward(limit=1)[0]
+    if not torch.allclose(after, before, rtol=1e-3, atol=1e-4 * before.abs().max().item()):
+        permute_inputs(layer, producers, torch.argsort(perm))  # exact undo: a pure reindexing
+        return None
+    permute_stats(stats, perm.to(stats.sum.device))
+    return {"retained_plain": plain, "retained_reallocated": realloc}
 
 
 def prune(
@@ -43,19 +123,22 @@ def prune(
     calibration: [nsamples, seqlen] token ids (see ``zpruner.data.calibration_windows``);
     required when the method uses activations, ignored otherwise.
     """
-    score = get_score(config.method)
     check_pattern(model, config.parsed_pattern)
     report = PruneReport()
     names = {module: name for name, module in iter_prunable(model)}
     start = time.perf_counter()
 
-    def prune_block(layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None) -> None:
+    def prune_block(layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None, forward=None) -> None:
         for name, layer in layers.items():
             t = time.perf_counter()
-            prune_layer(layer, score, stats[name] if stats else None, config)
+            if config.reallocate:
+                gain = reallocate_inputs(layer, layers, stats[name], config, forward)
+                if gain is not None:
+                    report.reallocated[names[layer]] = gain
+            prune_layer(layer, stats[name] if stats else None, config)
             report.layer_time_s[names[layer]] = time.perf_counter() - t
 
-    if not score.needs_activations:
+    if not config.needs_calibration:
         # Data-free: no reason to run the model at all.
         for block in tqdm(find_blocks(model), desc="blocks", unit="block", disable=not progress):
             prune_block(find_linears(block), None)
@@ -65,9 +148,9 @@ def prune(
 
         def visit(_i: int, block: nn.Module, forward) -> None:
             layers = find_linears(block)
-            with record_inputs(layers) as stats:
+            with record_inputs(layers, hessian=config.uses_hessian) as stats:
                 forward()
-            prune_block(layers, stats)
+            prune_block(layers, stats, forward)
 
         run_layerwise(model, calibration, visit, progress)
     report.total_s = time.perf_counter() - start

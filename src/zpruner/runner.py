@@ -26,7 +26,6 @@ from .evaluate import perplexity
 from .layers import check_pattern, measure_sparsity
 from .models import load_model
 from .pruning import prune
-from .scores import get_score
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress:
 
 
 def _calibration(config: RunConfig, tokenizer) -> torch.Tensor | None:
-    if not get_score(config.prune.method).needs_activations:
+    if not config.prune.needs_calibration:
         return None
     texts = load_texts(config.prune.calibration, config.data_dir)
     return calibration_windows(tokenizer, texts, config.prune.nsamples, config.prune.seqlen, config.prune.seed)
@@ -166,7 +165,10 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         measure("perplexity" if config.prune is None else "dense_perplexity")
     if config.prune is not None:
         with timer.phase("pruning"):
-            results["layer_time_s"] = prune(model, config.prune, calibration, progress).layer_time_s
+            report = prune(model, config.prune, calibration, progress)
+        results["layer_time_s"] = report.layer_time_s
+        if config.prune.reallocate:
+            results["reallocated"] = report.reallocated
         if tokens is not None:
             measure("perplexity")
     results["sparsity"] = measure_sparsity(model)
