@@ -80,7 +80,7 @@ class PruneConfig:
     update: str = "none"
     reallocate: bool = False  # RIA channel reallocation + linear-sum assignment (N:M only)
     ria_exponent: float = 0.5
-    cvr_alpha: float = 0.5
+    cvr_alpha: float = 1.0
     cvr_eps: float = 1e-6
     ec_clamp: tuple[float, float] = (0.0, float("inf"))
     blocksize: int = 128  # SparseGPT column block

@@ -1,0 +1,14 @@
+"""Smallest and median column variance Var_i W_ij over SmolLM2-135M's block linears: the
+scale CVR's eps is compared with (experiments/open_constants.md).
+
+    .venv/bin/python experiments/weight_column_variance.py
+"""
+import torch
+
+from zpruner import ModelConfig, load_model
+from zpruner.layers import iter_prunable, weight_view
+
+model, _ = load_model(ModelConfig("smollm2-135m"))
+variances = torch.cat([weight_view(layer).float().var(dim=0, unbiased=False) for _, layer in iter_prunable(model)])
+print(f"columns {variances.numel()}  min {variances.min().item():.3g}  "
+      f"1st percentile {variances.quantile(0.01).item():.3g}  median {variances.median().item():.3g}")
