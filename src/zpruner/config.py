@@ -117,6 +117,26 @@ class EvalConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot accuracy with lm-evaluation-harness: ``tasks`` (names and/or the set 'paper',
+    as a list or a comma-separated string; stored expanded), the first ``limit`` items of each
+    (None = all), ``batch_size`` requests per forward."""
+
+    tasks: list[str] = field(default_factory=lambda: ["paper"])
+    limit: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        from .zeroshot import parse_tasks  # late import, like PruneConfig's
+
+        self.tasks = list(parse_tasks(self.tasks))
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ZprunerError(f"zero-shot {name} must be a positive integer, got {value}")
+
+
+@dataclass
 class ModelConfig:
     """``name``: a hub id, a local directory, a .gguf file or a built-in alias."""
 
@@ -141,6 +161,7 @@ class RunConfig:
     dense_baseline: bool = False
     save: str | None = None
     output_json: str | None = None
+    zero_shot: ZeroShotConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
