@@ -168,6 +168,7 @@ def test_eval_two_local_tasks(capsys, tmp_path, tiny_model_dir, task_data_dir):
     assert zero_shot["average"] == pytest.approx((zero_shot["arc_easy"]["acc"] + zero_shot["winogrande"]["acc"]) / 2)
     assert "no local copy" in zero_shot["skipped"]["mnli"]
     assert "zero-shot task mnli skipped: no local copy" in err
+    assert "Running loglikelihood" not in err and "Tokenizing inputs" not in err  # --quiet: no bars
     assert results["config"]["zero_shot"] == {"tasks": ["arc_easy", "winogrande", "mnli"], "limit": 4, "batch_size": 8}
     assert "perplexity" not in results and results["timings_s"]["zero_shot"] > 0
     assert "lm_eval" in results["versions"]

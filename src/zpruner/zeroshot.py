@@ -12,7 +12,6 @@ lm-eval's ``HFLM`` as it is in memory: a pruned model is measured pruned, never 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
@@ -247,6 +246,13 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], data_dir: str |
     return run_tasks(model, tokenizer, load_tasks(tasks, data_dir), limit, batch_size, progress)
 
 
+def _silent_tqdm(*args, **kwargs):
+    """tqdm that never draws, whatever ``disable`` its caller passes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
 @contextmanager
 def _quiet_lm_eval(progress: bool):
     """lm-eval at ERROR (its warnings are about its own configs and the in-memory model we
@@ -256,7 +262,6 @@ def _quiet_lm_eval(progress: bool):
     import lm_eval.api.model
     import lm_eval.api.task
     import lm_eval.models.huggingface
-    from tqdm.auto import tqdm
     from unittest import mock
 
     lm_eval_log = logging.getLogger("lm_eval")
@@ -271,7 +276,7 @@ def _quiet_lm_eval(progress: bool):
         with ExitStack() as stack:
             for module in silenced:
                 if hasattr(module, "tqdm"):
-                    stack.enter_context(mock.patch.object(module, "tqdm", functools.partial(tqdm, disable=True)))
+                    stack.enter_context(mock.patch.object(module, "tqdm", _silent_tqdm))
             yield
     finally:
         lm_eval_log.setLevel(level)
