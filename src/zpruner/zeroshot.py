@@ -73,12 +73,12 @@ TASKS: dict[str, TaskSpec] = {
                      _fields(doc_to_text="{{query}}Answer:", **_QUERY_CHOICES)),
     # GLUE's own columns (sentence1, sentence2, label): nothing to map.
     "rte": TaskSpec("glue/rte/default.yaml", "rte/rte.validation.parquet"),
-    "mnli": TaskSpec("glue/mnli/default.yaml", split="validation_matched"),
+    "mnli": TaskSpec("glue/mnli/default.yaml"),
     "wnli": TaskSpec("glue/wnli/default.yaml"),
 }
 # The statistical-correction paper's set (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA).
 TASK_SETS = {"paper": ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")}
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDERS = {".jsonl": "json", ".parquet": "parquet"}
 
 
 def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
