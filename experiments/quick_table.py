@@ -39,10 +39,14 @@ def cells(data_dir: str) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def run_missing(data_dir: str, out: Path, only: set[str] | None) -> None:
-    for name, argv in cells(data_dir):
+def run_missing(data_dir: str, out: Path, only: list[str] | None) -> None:
+    """Run the cells without a JSON yet: all, or those matching ``only``'s prefixes, in that order."""
+    todo = cells(data_dir)
+    if only:
+        todo = [cell for prefix in only for cell in todo if cell[0].startswith(prefix)]
+    for name, argv in todo:
         target = out / f"{name}.json"
-        if target.exists() or (only and not name.startswith(tuple(only))):
+        if target.exists():
             continue
         command = zpruner_command([*argv, "--output-json", str(target)])
         print("$ zpruner " + shlex.join(command[1:]), flush=True)
@@ -88,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        run_missing(args.data_dir, args.out, set(args.only.split(",")) if args.only else None)
+        run_missing(args.data_dir, args.out, args.only.split(",") if args.only else None)
     print(table(args.out))
     print("\n".join(orderings(args.out)))
 

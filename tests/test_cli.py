@@ -38,7 +38,7 @@ def test_prune_end_to_end(capsys, tmp_path, tiny_model_dir, tiny_data_dir, famil
     assert len(results["sparsity"]["per_layer"]) == len(results["layer_time_s"]) > 0
     assert results["perplexity"]["wikitext2"] > 1.0
     assert results["dense_perplexity"]["wikitext2"] > 1.0
-    assert set(results["timings_s"]) == {"load", "calibration", "pruning", "eval"}
+    assert set(results["timings_s"]) == {"load", "calibration", "pruning", "eval", "zero_shot"}
     assert {"zpruner", "torch", "transformers"} <= set(results["versions"])
     assert "perplexity" in out and "sparsity" in out
 
@@ -181,7 +181,8 @@ def test_console_script_help_documents_every_option():
     text = subprocess.run([*exe, "prune", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--model", "--method", "--update", "--reallocate", "--ria-exponent", "--cvr-alpha", "--cvr-eps",
                    "--ec-clamp", "--blocksize", "--damp", "--sparsity", "--pattern", "--nsamples", "--seqlen", "--seed",
-                   "--eval-seqlen", "--eval-windows", "--data-dir", "--output-json", "--save", "--dtype", "--device"):
+                   "--eval-seqlen", "--eval-windows", "--data-dir", "--output-json", "--save", "--dtype", "--device",
+                   "--tasks", "--limit", "--batch-size"):
         assert option in text
     bad = subprocess.run([*exe, "prune", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -5,11 +5,12 @@ import argparse
 import logging
 import sys
 
-from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig
-from .errors import ZprunerError
+from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .config import PruneConfig as _Defaults
+from .errors import ZprunerError
 from .scores import method_names
 from .updates import UPDATES
+from .zeroshot import TASK_SETS, TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +58,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="window length in tokens; default: the model's context capped at 2048")
     g.add_argument("--eval-windows", type=_positive_int, help="evaluate only the first K windows (default: all)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per forward. Default: 1")
-    g.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    g.add_argument("--no-eval", action="store_true", help="skip perplexity (zero-shot --tasks still run)")
+
+
+def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness)")
+    g.add_argument("--tasks", metavar="T1,T2",
+                   help=f"comma-separated tasks: {', '.join(TASKS)}; 'paper' = {','.join(TASK_SETS['paper'])}. "
+                        "With --data-dir they read DATA_DIR/tasks (a task without a local copy is skipped), "
+                        "else the Hugging Face hub. Default: none")
+    g.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task (default: all)")
+    g.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help="zero-shot requests per forward. Default: 8")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -74,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a model, then measure it",
-                       description="Prune every linear layer of every decoder block, then measure perplexity.")
+                       description="Prune every linear layer of every decoder block, then measure perplexity "
+                                   "(and zero-shot accuracy with --tasks) of the pruned model in memory.")
     _add_model_options(p)
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default="wanda", metavar="{" + ",".join(method_names()) + "}",
@@ -109,12 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SparseGPT damping, fraction of the mean Hessian diagonal. Default: %(default)s")
     g.add_argument("--save", metavar="DIR", help="write the pruned model here (safetensors, loadable by transformers)")
     _add_eval_options(p)
+    _add_zero_shot_options(p)
     _add_output_options(p)
 
     e = sub.add_parser("eval", help="measure a model as it is (dense baseline, saved pruned model)",
-                       description="Measure perplexity of a model without changing it.")
+                       description="Measure perplexity (and zero-shot accuracy) of a model without changing it.")
     _add_model_options(e)
     _add_eval_options(e)
+    _add_zero_shot_options(e)
     _add_output_options(e)
     return parser
 
@@ -130,8 +145,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                             args.nsamples, args.seqlen, args.seed, args.calibration, args.update,
                             args.reallocate, args.ria_exponent, args.cvr_alpha, args.cvr_eps, args.ec_clamp,
                             args.blocksize, args.damp)
+    zero_shot = None
+    if args.tasks is not None:
+        zero_shot = ZeroShotConfig(args.tasks, args.limit, args.batch_size or ZeroShotConfig.batch_size)
+    elif args.limit is not None or args.batch_size is not None:
+        raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
     return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
-                     getattr(args, "save", None), args.output_json)
+                     getattr(args, "save", None), args.output_json, zero_shot)
 
 
 def format_summary(results: dict) -> str:
@@ -147,8 +167,31 @@ def format_summary(results: dict) -> str:
         if proto:
             lines.append(f"perplexity  {label:<7}{proto['value']:10.3f}   "
                          f"({proto['windows']} windows x {proto['seqlen']} tokens)")
+    lines += _zero_shot_table(results)
     lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items()))
     return "\n".join(lines)
+
+
+def _zero_shot_table(results: dict) -> list[str]:
+    """One row per task: its metric, value ± standard error per measured model, items; then the average."""
+    label = "pruned" if results["config"]["prune"] else "model"
+    columns = [(name, results[key]) for key, name in (("dense_zero_shot", "dense"), ("zero_shot", label))
+               if key in results]
+    if not columns:
+        return []
+    first = columns[0][1]
+    tasks = [name for name in first if name not in ("average", "skipped")]
+    lines = [f"zero-shot   {'task':<15}{'metric':<9}" + "".join(f"{name:>17}" for name, _ in columns) + f"{'n':>7}"]
+    for task in tasks:
+        cells = ""
+        for _, entry in columns:
+            metric = entry[task]["metric"]
+            stderr = entry[task][metric + "_stderr"]
+            cells += f"{entry[task][metric]:>10.4f}" + (f" ±{stderr:.3f}" if stderr is not None else " " * 7)
+        lines.append(f"            {task:<15}{first[task]['metric']:<9}{cells}{first[task]['n']:>7}")
+    lines.append(f"            {'average':<15}{'':<9}" + "".join(f"{entry['average']:>10.4f}{'':7}" for _, entry in columns))
+    lines += [f"            skipped {task}: {reason}" for task, reason in first["skipped"].items()]
+    return [line.rstrip() for line in lines]
 
 
 def main(argv: list[str] | None = None) -> int:

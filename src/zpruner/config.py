@@ -82,7 +82,7 @@ class PruneConfig:
     ria_exponent: float = 0.5
     cvr_alpha: float = 1.0
     cvr_eps: float = 1e-6
-    ec_clamp: tuple[float, float] = (0.0, float("inf"))
+    ec_clamp: tuple[float, float] = (0.8, 1.25)
     blocksize: int = 128  # SparseGPT column block
     damp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
 
@@ -158,6 +158,26 @@ class EvalConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot accuracy with lm-evaluation-harness: ``tasks`` (names and/or the set 'paper',
+    as a list or a comma-separated string; stored expanded), the first ``limit`` items of each
+    (None = all), ``batch_size`` requests per forward."""
+
+    tasks: list[str] = field(default_factory=lambda: ["paper"])
+    limit: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        from .zeroshot import parse_tasks  # late import, like PruneConfig's
+
+        self.tasks = list(parse_tasks(self.tasks))
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ZprunerError(f"zero-shot {name} must be a positive integer, got {value}")
+
+
+@dataclass
 class ModelConfig:
     """``name``: a hub id, a local directory, a .gguf file or a built-in alias."""
 
@@ -182,6 +202,7 @@ class RunConfig:
     dense_baseline: bool = False
     save: str | None = None
     output_json: str | None = None
+    zero_shot: ZeroShotConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}

@@ -5,6 +5,7 @@ leaves a half-written model or results file behind.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from .evaluate import perplexity
 from .layers import check_pattern, measure_sparsity
 from .models import load_model
 from .pruning import prune
+from .zeroshot import LoadedTasks, load_tasks, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def versions() -> dict[str, str]:
         "zpruner": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "lm_eval": importlib.metadata.version("lm_eval"),
         "python": platform.python_version(),
     }
 
@@ -130,16 +133,30 @@ def _check_model(model: nn.Module, config: RunConfig) -> None:
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
 
 
+def _load_zero_shot_tasks(config: RunConfig) -> LoadedTasks | None:
+    """The zero-shot tasks with their data, read before the model so bad input stops the run early."""
+    if config.zero_shot is None:
+        return None
+    tasks = load_tasks(config.zero_shot.tasks, config.data_dir)
+    for name, reason in tasks.skipped.items():
+        log.warning("zero-shot task %s skipped: %s", name, reason)
+    return tasks
+
+
 def run(config: RunConfig, progress: bool = True) -> dict:
     """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results.
 
-    Every input is checked (options, model, calibration text) before the first long phase.
+    Every input is checked (options, model, calibration text, zero-shot task data) before
+    the first long phase. Perplexity and zero-shot accuracy measure the model in memory:
+    after pruning, the pruned one (and with ``dense_baseline`` the dense one first).
     """
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
     timer = Timer()
     results: dict = {"config": config.to_dict(), "versions": versions()}
+    with timer.phase("zero_shot"):
+        zero_shot_tasks = _load_zero_shot_tasks(config)
     with timer.phase("load"):
         model, tokenizer = load_model(config.model)
     _check_model(model, config)
@@ -155,24 +172,30 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             tokens = eval_tokens(tokenizer, load_texts(config.eval.dataset, config.data_dir))
         digest = token_digest(tokens)
 
-    def measure(key: str) -> None:
-        with timer.phase("eval"):
-            entry = {**_perplexity_entry(model, tokens, config.eval, progress), "data_sha256_16": digest}
-        results[key] = {config.eval.dataset: entry["value"]}
-        results[key + "_protocol"] = entry
+    def measure(prefix: str) -> None:
+        """Every requested measurement of the model as it is now, under keys starting with ``prefix``."""
+        if tokens is not None:
+            with timer.phase("eval"):
+                entry = {**_perplexity_entry(model, tokens, config.eval, progress), "data_sha256_16": digest}
+            results[prefix + "perplexity"] = {config.eval.dataset: entry["value"]}
+            results[prefix + "perplexity_protocol"] = entry
+        if zero_shot_tasks is not None:
+            zs = config.zero_shot
+            with timer.phase("zero_shot"):
+                results[prefix + "zero_shot"] = run_tasks(model, tokenizer, zero_shot_tasks, zs.limit,
+                                                          zs.batch_size, progress)
 
-    if tokens is not None and (config.prune is None or config.dense_baseline):
-        measure("perplexity" if config.prune is None else "dense_perplexity")
+    if config.prune is None or config.dense_baseline:
+        measure("" if config.prune is None else "dense_")
     if config.prune is not None:
         with timer.phase("pruning"):
             report = prune(model, config.prune, calibration, progress)
         results["layer_time_s"] = report.layer_time_s
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated
-        if tokens is not None:
-            measure("perplexity")
+        measure("")
     results["sparsity"] = measure_sparsity(model)
-    results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval")}
+    results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
     if config.save is not None:
         save_model_atomic(config.save, model, tokenizer, {"config": results["config"], "versions": results["versions"]})
     if config.output_json is not None:
