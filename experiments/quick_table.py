@@ -24,6 +24,18 @@ QUICK = ["--eval-seqlen", "512", "--eval-windows", "64"]
 CALIBRATION = ["--nsamples", "64", "--seqlen", "512", "--seed", "0"]
 
 
+HEADER = """# WikiText-2 perplexity of every method on SmolLM2-135M-Instruct, quick protocol
+
+Calibration: 64 windows x 512 tokens of C4 (seed 0). Evaluation: WikiText-2 test, first
+64 windows of 512 tokens. Written by `.venv/bin/python experiments/quick_table.py --data-dir
+../shared/data`. One cell is one command:
+`zpruner prune --method M --update U [--sparsity 0.5 | --pattern 4:8 | --pattern 2:4]
+--nsamples 64 --seqlen 512 --seed 0 --model smollm2-135m --eval-seqlen 512 --eval-windows 64
+--data-dir ../shared/data --output-json experiments/quick_table/<cell>.json`; dense is
+`zpruner eval` with the same evaluation options. Each cell's JSON is in `quick_table/`.
+"""
+
+
 def zpruner_command(argv: list[str]) -> list[str]:
     return [str(Path(sys.executable).with_name("zpruner")), *argv]
 
@@ -58,7 +70,7 @@ def table(out: Path) -> str:
         path = out / f"{name}.json"
         return json.loads(path.read_text())["perplexity_protocol"]["value"] if path.exists() else None
 
-    lines = ["| method | update | 50 % | 4:8 | 2:4 |", "|---|---|---:|---:|---:|"]
+    lines = ["| method | update | 50 % | 4:8 | 2:4 |", "|---|---|---:|---:|---:|"]  # "-": not run yet
     dense = ppl("dense")
     lines.append(f"| dense | - | {dense:.2f} | | |" if dense else "| dense | - | not run | | |")
     for method in METHODS:
@@ -93,8 +105,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         run_missing(args.data_dir, args.out, args.only.split(",") if args.only else None)
-    print(table(args.out))
-    print("\n".join(orderings(args.out)))
+    report = "\n".join([HEADER, table(args.out), "", *orderings(args.out), ""])
+    (HERE / "quick_table.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":
