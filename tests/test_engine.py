@@ -34,6 +34,32 @@ def test_engine_reproduces_full_model_logits(family):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_engine_matches_one_sample_at_a_time(family):
+    """Batches of 2 over 5 samples (the last batch smaller) give every sample's outputs, in order."""
+    model = build_tiny_model(family, vocab_size=300)
+    samples = torch.randint(3, 300, (5, 24), generator=torch.Generator().manual_seed(2))
+    single = torch.cat(run_layerwise(model, samples, progress=False))
+    batched = run_layerwise(model, samples, progress=False, batch_size=2)
+    assert [h.shape[0] for h in batched] == [2, 2, 1]
+    assert (torch.cat(batched) - single).abs().max().item() <= 1e-5
+
+
+def test_batched_visit_sees_every_token_and_limit_counts_batches():
+    model = build_tiny_model("llama", vocab_size=300)
+    samples = torch.randint(3, 300, (5, 12), generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def visit(i, block, forward):
+        if i == 0:
+            seen.append([h.shape[0] for h in forward(limit=2)])
+
+    run_layerwise(model, samples, visit, progress=False, batch_size=2)
+    assert seen == [[2, 2]]
+    with pytest.raises(ValueError, match="batch_size"):
+        capture_block_inputs(model, samples, progress=False, batch_size=0)
+
+
 def test_engine_output_differs_when_blocks_are_skipped():
     """The replacement hook really feeds the logits: zeroed block outputs change them."""
     model = build_tiny_model("llama", vocab_size=300)

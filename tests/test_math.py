@@ -135,3 +135,23 @@ def test_record_inputs_handles_linear_and_conv1d():
         assert stats[name].count == 10
         assert torch.allclose(stats[name].sumsq, x.reshape(-1, 4).square().sum(0))
     assert not linear._forward_hooks and not conv._forward_hooks  # hooks removed
+
+
+def test_record_inputs_shares_one_computation_between_layers_fed_the_same_tensor():
+    """q/k/v (and gate/up) see the very same tensor: its sums are computed once, merged into
+    separate accumulators, and a different tensor with the same values is not mistaken for it."""
+    torch.manual_seed(0)
+    q, k, other = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 3)
+    x, y = torch.randn(2, 5, 4), torch.randn(3, 4)
+    with record_inputs({"q": q, "k": k, "other": other}, hessian=True) as stats:
+        q(x)
+        k(x)
+        other(x.clone())
+        q(y)
+    flat = x.reshape(-1, 4)
+    for name in ("k", "other"):
+        assert stats[name].count == 10
+        assert torch.allclose(stats[name].xtx, flat.t() @ flat, atol=1e-5)
+    assert stats["q"].count == 13
+    assert torch.allclose(stats["q"].xtx, flat.t() @ flat + y.t() @ y, atol=1e-5)
+    assert stats["q"].xtx is not stats["k"].xtx and stats["q"].sum is not stats["k"].sum

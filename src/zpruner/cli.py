@@ -8,6 +8,7 @@ import sys
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .config import PruneConfig as _Defaults
 from .errors import ZprunerError
+from .protocols import DEFAULTS, PROTOCOLS, describe, expand
 from .scores import method_names
 from .updates import UPDATES
 from .zeroshot import TASK_SETS, TASKS
@@ -40,6 +41,9 @@ def _clamp_range(text: str) -> tuple[float, float]:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="preset of calibration and perplexity options (explicit options win): "
+                        + "; ".join(describe(name) for name in PROTOCOLS))
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
@@ -55,8 +59,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-dataset", default="wikitext2",
                    help="'wikitext2' (test split) or a local .txt/.jsonl file. Default: %(default)s")
     g.add_argument("--eval-seqlen", type=_positive_int,
-                   help="window length in tokens; default: the model's context capped at 2048")
-    g.add_argument("--eval-windows", type=_positive_int, help="evaluate only the first K windows (default: all)")
+                   help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
+    g.add_argument("--eval-windows", type=_positive_int,
+                   help="evaluate only the first K windows; default: the --protocol's, else all")
     g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per forward. Default: 1")
     g.add_argument("--no-eval", action="store_true", help="skip perplexity (zero-shot --tasks still run)")
 
@@ -101,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8")
     g.add_argument("--group", choices=["row", "layer"],
                    help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
-    g.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows. Default: %(default)s")
-    g.add_argument("--seqlen", type=_positive_int, default=2048, help="calibration window tokens. Default: %(default)s")
+    g.add_argument("--nsamples", type=_positive_int,
+                   help=f"calibration windows. Default: the --protocol's, else {DEFAULTS['nsamples']}")
+    g.add_argument("--seqlen", type=_positive_int,
+                   help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
+    g.add_argument("--calib-batch-size", type=_positive_int,
+                   help="calibration windows per block forward. Default: as many as make 4096 tokens")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed. Default: %(default)s")
     g.add_argument("--calibration", default="c4",
                    help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. Default: %(default)s")
@@ -131,27 +140,135 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(e)
     _add_zero_shot_options(e)
     _add_output_options(e)
+    _add_sweep_parser(sub)
+
+    r = sub.add_parser("report", help="Markdown tables and PNG plots from results files",
+                       description="Tables shaped like the papers' (perplexity by method x pattern, zero-shot "
+                                   "average, perplexity across sparsity, the CVR/EC ablation, calibration size) and "
+                                   "plots, from sweep results (.jsonl) and/or single-run results (.json).")
+    r.add_argument("results", nargs="+", help="results files: .jsonl (zpruner sweep) or .json (--output-json)")
+    r.add_argument("--out", metavar="DIR",
+                   help="folder for report.md and the PNG files; default: the first results file's folder")
+    r.add_argument("--title", help="the report's heading")
     return parser
+
+
+def _comma_list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
+def _add_sweep_parser(sub) -> None:
+    w = sub.add_parser("sweep", help="run a grid of configurations into a results file, resumably",
+                       description="Run models x methods x updates x patterns x sparsities x calibration sizes x "
+                                   "seeds. Each finished run appends one JSON line to --results; configurations "
+                                   "already there are skipped, so an interrupted sweep resumes. Lists come from "
+                                   "the options (comma-separated) and/or a TOML/YAML grid file; options win.")
+    w.add_argument("grid", nargs="?", help="grid file (.toml, .yaml): the lists below and fixed settings by name")
+    w.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file, appended to")
+    w.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="preset of calibration and perplexity options (explicit options win): "
+                        + "; ".join(describe(name) for name in PROTOCOLS))
+    g = w.add_argument_group("grid (comma-separated lists)")
+    g.add_argument("--models", type=_comma_list(str), help="default: smollm2-135m")
+    g.add_argument("--methods", type=_comma_list(str), help="default: wanda")
+    g.add_argument("--updates", type=_comma_list(str), help="default: none")
+    g.add_argument("--patterns", type=_comma_list(str), help="unstructured and/or N:M; default: unstructured")
+    g.add_argument("--sparsities", type=_comma_list(float), help="for unstructured patterns; default: 0.5")
+    g.add_argument("--nsamples", type=_comma_list(int), help="calibration sizes; default: the protocol's")
+    g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds; default: 0")
+    f = w.add_argument_group("fixed settings")
+    f.add_argument("--seqlen", type=_positive_int, help="calibration window tokens; default: the protocol's")
+    f.add_argument("--eval-seqlen", type=_positive_int, help="perplexity window; default: the protocol's")
+    f.add_argument("--eval-windows", type=_positive_int, help="first K perplexity windows; default: the protocol's")
+    f.add_argument("--tasks", metavar="T1,T2", help="zero-shot tasks for every run (e.g. paper)")
+    f.add_argument("--limit", type=_positive_int, metavar="N", help="items per zero-shot task")
+    f.add_argument("--no-dense", action="store_true", help="do not measure the dense model")
+    f.add_argument("--dry-run", action="store_true", help="print the configurations to run, run nothing")
+    f.add_argument("--adopt", nargs="+", metavar="JSON",
+                   help="first add these single-run results (zpruner prune --output-json) to --results, "
+                        "so their configurations are not run again")
+    f.add_argument("--data-dir", help="local data folder (default: $ZPRUNER_DATA_DIR, else the hub)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def grid_from_args(args: argparse.Namespace):
+    from .sweep import AXES, Grid, read_grid
+
+    grids = read_grid(args.grid) if args.grid else [Grid()]
+    overrides = {name: getattr(args, name) for name in AXES}
+    overrides.update(protocol=args.protocol, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
+                     eval_windows=args.eval_windows, tasks=args.tasks, limit=args.limit,
+                     dense=False if args.no_dense else None)
+    grids = [grid.merged(overrides) for grid in grids]
+    if any(grid.settings.get("limit") is not None and grid.settings.get("tasks") is None for grid in grids):
+        raise ZprunerError("--limit sets up zero-shot tasks; add --tasks (e.g. --tasks paper)")
+    return grids
+
+
+def sweep_main(args: argparse.Namespace) -> int:
+    from .sweep import describe as describe_run
+    from pathlib import Path
+
+    from .sweep import adopt, plan, read_done, run_key, run_sweep
+
+    if args.adopt:
+        for source in adopt(args.adopt, args.results):
+            print(f"adopted {source}")
+    grids = grid_from_args(args)
+    planned = plan(grids, args.data_dir)
+    for line in planned.skipped:
+        print(f"skipped (not a valid combination): {line}")
+    if args.dry_run:
+        done = read_done(Path(args.results).expanduser())
+        for config in planned.configs:
+            key = run_key(config)
+            print(f"{key}  {'done ' if key in done else 'to run'}  {describe_run(config)}")
+        return 0
+    summary = run_sweep(planned.configs, args.results, not args.quiet)
+    print(f"sweep: ran {len(summary.ran)}, skipped {summary.already_done} already in {args.results}, "
+          f"failed {len(summary.failed)}")
+    for line in summary.failed:
+        print(f"  failed: {line}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+
+    out = args.out if args.out is not None else Path(args.results[0]).expanduser().parent
+    for path in write_report(args.results, out, args.title):
+        print(path)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     model = ModelConfig(args.model, args.dtype, args.device, args.trust_remote_code)
+    opts = expand(args.protocol, {name: getattr(args, name, None)
+                                  for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows")})
     evaluation = None if args.no_eval else EvalConfig(
-        args.eval_dataset, args.eval_seqlen, args.eval_windows, args.eval_batch_size
+        args.eval_dataset, opts["eval_seqlen"], opts["eval_windows"], args.eval_batch_size
     )
     prune = None
     if args.command == "prune":
         prune = PruneConfig(args.method, args.sparsity, args.pattern, args.group,
-                            args.nsamples, args.seqlen, args.seed, args.calibration, args.update,
+                            opts["nsamples"], opts["seqlen"], args.seed, args.calibration, args.update,
                             args.reallocate, args.ria_exponent, args.cvr_alpha, args.cvr_eps, args.ec_clamp,
-                            args.blocksize, args.damp)
+                            args.blocksize, args.damp, args.calib_batch_size)
     zero_shot = None
     if args.tasks is not None:
         zero_shot = ZeroShotConfig(args.tasks, args.limit, args.batch_size or ZeroShotConfig.batch_size)
     elif args.limit is not None or args.batch_size is not None:
         raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
     return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
-                     getattr(args, "save", None), args.output_json, zero_shot)
+                     getattr(args, "save", None), args.output_json, zero_shot, args.protocol)
 
 
 def format_summary(results: dict) -> str:
@@ -200,15 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("zpruner: %(message)s"))
     package_log = logging.getLogger("zpruner")
     package_log.addHandler(handler)
-    package_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     package_log.propagate = False
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from .runner import run  # torch-heavy: after argument errors have had their chance
-
     try:
+        if args.command == "sweep":
+            return sweep_main(args)
+        if args.command == "report":
+            return report_main(args)
+        from .runner import run  # torch-heavy: after argument errors have had their chance
+
         results = run(config_from_args(args), progress=not args.quiet)
     except ZprunerError as exc:
         print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)

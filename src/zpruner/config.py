@@ -14,6 +14,7 @@ from .errors import ZprunerError
 SCHEMA_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("row", "layer")
+CALIB_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class PruneConfig:
     ec_clamp: tuple[float, float] = (0.8, 1.25)
     blocksize: int = 128  # SparseGPT column block
     damp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
+    # Calibration samples per block forward; None = as many as make ~4096 tokens (8 x 512,
+    # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
+    calib_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         # late imports: scores -> stats -> layers imports this module
@@ -114,7 +118,9 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         if self.group is not None and self.group not in GROUPS:
             raise ZprunerError(f"group '{self.group}' is unknown; choose one of {', '.join(GROUPS)}")
-        for name in ("nsamples", "seqlen", "blocksize"):
+        for name in ("nsamples", "seqlen", "blocksize", "calib_batch_size"):
+            if name == "calib_batch_size" and self.calib_batch_size is None:
+                self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
             if getattr(self, name) < 1:
                 raise ZprunerError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.reallocate and (not pattern.is_nm or self.method == "sparsegpt"):
@@ -138,6 +144,30 @@ class PruneConfig:
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide this configuration's pruned weights: the constants of
+        methods and updates it does not use, calibration settings of a data-free method and
+        execution details (calib_batch_size) are left out, so equal results get equal keys."""
+        from .scores import SCORES
+        from .updates import EC_AXES
+
+        used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
+        if self.needs_calibration:
+            used |= {"nsamples", "seqlen", "seed", "calibration"}
+        if self.method in SCORES:
+            used |= set(SCORES[self.method].options.values())
+        if self.update in EC_AXES:
+            used.add("ec_clamp")
+        if self.uses_hessian:
+            used |= {"blocksize", "damp"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in used}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
+        """From a results file's ``config.prune``; fields a newer zpruner added take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -203,6 +233,12 @@ class RunConfig:
     save: str | None = None
     output_json: str | None = None
     zero_shot: ZeroShotConfig | None = None
+    protocol: str | None = None  # the preset the options were expanded from (zpruner.protocols), for the record
+
+    def __post_init__(self) -> None:
+        from .protocols import check_protocol
+
+        check_protocol(self.protocol)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}

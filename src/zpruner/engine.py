@@ -3,8 +3,12 @@ decoder blocks one at a time and lets a callback act on each block in between.
 
 Per block: ``visit(i, block, forward)`` (the callback may run ``forward()`` under its own
 hooks to collect statistics, then edit the block's weights; ``forward(limit=k)`` runs only
-the first k samples and returns their outputs, to check an edit), then the block is run
+the first k batches and returns their outputs, to check an edit), then the block is run
 once more, hooks off, to produce the next block's inputs from the edited weights.
+
+Calibration samples travel in batches of ``batch_size``: the model itself is called on each
+batch to capture the first block's arguments, so attention masks and position tensors
+have the batch's shape whatever the model family does with them.
 """
 from __future__ import annotations
 
@@ -66,12 +70,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, samples: torch.Tensor, progress: bool = True
+    model: nn.Module, samples: torch.Tensor, progress: bool = True, batch_size: int = 1
 ) -> tuple[list[torch.Tensor], list[BlockCall]]:
-    """Run the model up to its first block for each sample (samples: [n, seqlen] token ids).
+    """Run the model up to its first block for each batch of ``batch_size`` samples
+    (samples: [n, seqlen] token ids; the last batch may be smaller).
 
-    Returns the first block's hidden-state input per sample and how it was called.
+    Returns the first block's hidden-state input per batch and how it was called.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     first = find_blocks(model)[0]
     hidden: list[torch.Tensor] = []
     calls: list[BlockCall] = []
@@ -93,9 +100,10 @@ def capture_block_inputs(
     device = model_device(model)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for sample in tqdm(samples, desc="capture inputs", unit="sample", disable=not progress, leave=False):
+        for batch in tqdm(samples.split(batch_size), desc="capture inputs", unit="batch", disable=not progress,
+                          leave=False):
             try:
-                model(sample[None].to(device), use_cache=False)
+                model(batch.to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -105,18 +113,21 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_layerwise(
-    model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True
+    model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True,
+    batch_size: int = 1,
 ) -> list[torch.Tensor]:
-    """Carry ``samples`` through every decoder block; returns the last block's outputs.
+    """Carry ``samples`` through every decoder block, ``batch_size`` at a time; returns the
+    last block's outputs per batch ([b, seqlen, hidden] each, in sample order).
 
-    Memory beyond the model: one hidden-state tensor per sample (overwritten in place as
-    the blocks advance) plus whatever ``visit`` keeps for the current block.
+    Memory beyond the model: the hidden states of every sample (overwritten in place as
+    the blocks advance), one batch's activations inside the block, plus whatever ``visit``
+    keeps for the current block.
     """
     blocks = find_blocks(model)
     was_training = model.training
     model.eval()  # dropout off: block outputs must be the model's deterministic ones
     try:
-        hidden, calls = capture_block_inputs(model, samples, progress)
+        hidden, calls = capture_block_inputs(model, samples, progress, batch_size)
         for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
                 visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
@@ -129,8 +140,8 @@ def run_layerwise(
 def _forward(
     block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool, limit: int | None = None
 ) -> list[torch.Tensor] | None:
-    """Run the block on every sample (keep: the outputs become the next inputs), or on
-    the first ``limit`` samples only, returning their outputs."""
+    """Run the block on every batch (keep: the outputs become the next inputs), or on
+    the first ``limit`` batches only, returning their outputs."""
     outputs = []
     for j, call in enumerate(calls[:limit]):
         out = call.run(block, hidden[j])

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import EvalConfig, RunConfig
+from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .data import calibration_windows, eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .layers import check_pattern, measure_sparsity
+from .layers import check_pattern, find_blocks, measure_sparsity
 from .models import load_model
 from .pruning import prune
 from .zeroshot import LoadedTasks, load_tasks, run_tasks
@@ -118,13 +118,6 @@ def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress:
     return {"value": result.value, "windows": result.windows, "seqlen": result.seqlen, "predicted_tokens": result.tokens}
 
 
-def _calibration(config: RunConfig, tokenizer) -> torch.Tensor | None:
-    if not config.prune.needs_calibration:
-        return None
-    texts = load_texts(config.prune.calibration, config.data_dir)
-    return calibration_windows(tokenizer, texts, config.prune.nsamples, config.prune.seqlen, config.prune.seed)
-
-
 def _check_model(model: nn.Module, config: RunConfig) -> None:
     if config.prune is not None:
         check_pattern(model, config.prune.parsed_pattern)
@@ -133,44 +126,111 @@ def _check_model(model: nn.Module, config: RunConfig) -> None:
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
 
 
-def _load_zero_shot_tasks(config: RunConfig) -> LoadedTasks | None:
-    """The zero-shot tasks with their data, read before the model so bad input stops the run early."""
-    if config.zero_shot is None:
-        return None
-    tasks = load_tasks(config.zero_shot.tasks, config.data_dir)
-    for name, reason in tasks.skipped.items():
-        log.warning("zero-shot task %s skipped: %s", name, reason)
-    return tasks
+class Workspace:
+    """One model and everything derived from it that runs can share: the tokenizer, the
+    calibration windows, the evaluation tokens and the zero-shot task data, each built once.
+
+    With ``keep_dense`` the dense weights of the decoder blocks (all that pruning edits,
+    reallocation's permuted producers included) are copied to CPU memory after loading,
+    and every run after a pruned one starts from them instead of reloading the model.
+    """
+
+    def __init__(self, model: ModelConfig, data_dir: str | None = None, keep_dense: bool = False):
+        self.model_config, self.data_dir, self.keep_dense = model, data_dir, keep_dense
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self._dense: list[dict[str, torch.Tensor]] | None = None
+        self._pruned = False
+        self._cache: dict[tuple, object] = {}
+
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def dense_model(self):
+        """(model, tokenizer), with the dense weights."""
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.model_config)
+            if self.keep_dense:
+                self._dense = [{n: p.detach().to("cpu", copy=True) for n, p in block.named_parameters()}
+                               for block in find_blocks(self.model)]
+        elif self._pruned:
+            if self._dense is None:
+                raise ZprunerError("this workspace's model was pruned and its dense weights were not kept; "
+                                   "create the Workspace with keep_dense=True to run several configurations")
+            with torch.no_grad():
+                for block, saved in zip(find_blocks(self.model), self._dense):
+                    for n, p in block.named_parameters():
+                        p.copy_(saved[n])
+        self._pruned = False
+        return self.model, self.tokenizer
+
+    def prune(self, config: PruneConfig, calibration: torch.Tensor | None, progress: bool):
+        self._pruned = True
+        return prune(self.model, config, calibration, progress)
+
+    def calibration(self, config: PruneConfig) -> torch.Tensor | None:
+        if not config.needs_calibration:
+            return None
+        key = ("calibration", config.calibration, config.nsamples, config.seqlen, config.seed)
+        return self._cached(key, lambda: calibration_windows(
+            self.tokenizer, load_texts(config.calibration, self.data_dir), config.nsamples, config.seqlen,
+            config.seed))
+
+    def eval_tokens(self, dataset: str) -> tuple[torch.Tensor, str]:
+        def build():
+            tokens = eval_tokens(self.tokenizer, load_texts(dataset, self.data_dir))
+            return tokens, token_digest(tokens)
+
+        return self._cached(("eval", dataset), build)
+
+    def zero_shot_tasks(self, config: ZeroShotConfig | None) -> LoadedTasks | None:
+        """The tasks with their data, read before the model so bad input stops the run early."""
+        if config is None:
+            return None
+
+        def build():
+            tasks = load_tasks(config.tasks, self.data_dir)
+            for name, reason in tasks.skipped.items():
+                log.warning("zero-shot task %s skipped: %s", name, reason)
+            return tasks
+
+        return self._cached(("tasks", tuple(config.tasks)), build)
 
 
-def run(config: RunConfig, progress: bool = True) -> dict:
+def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = None) -> dict:
     """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results.
 
     Every input is checked (options, model, calibration text, zero-shot task data) before
     the first long phase. Perplexity and zero-shot accuracy measure the model in memory:
     after pruning, the pruned one (and with ``dense_baseline`` the dense one first).
+    ``workspace`` lets consecutive runs on one model share its loading and data (zpruner.sweep).
     """
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
+    if workspace is None:
+        workspace = Workspace(config.model, config.data_dir)
+    elif (workspace.model_config, workspace.data_dir) != (config.model, config.data_dir):
+        raise ZprunerError("this run's model or data directory differs from its workspace's")
     timer = Timer()
     results: dict = {"config": config.to_dict(), "versions": versions()}
     with timer.phase("zero_shot"):
-        zero_shot_tasks = _load_zero_shot_tasks(config)
+        zero_shot_tasks = workspace.zero_shot_tasks(config.zero_shot)
     with timer.phase("load"):
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = workspace.dense_model()
     _check_model(model, config)
     calibration = None
     if config.prune is not None:
         with timer.phase("calibration"):
-            calibration = _calibration(config, tokenizer)
+            calibration = workspace.calibration(config.prune)
         if calibration is not None:
             results["calibration_sha256_16"] = token_digest(calibration)
     tokens = None
     if config.eval is not None:
         with timer.phase("eval"):
-            tokens = eval_tokens(tokenizer, load_texts(config.eval.dataset, config.data_dir))
-        digest = token_digest(tokens)
+            tokens, digest = workspace.eval_tokens(config.eval.dataset)
 
     def measure(prefix: str) -> None:
         """Every requested measurement of the model as it is now, under keys starting with ``prefix``."""
@@ -189,7 +249,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         measure("" if config.prune is None else "dense_")
     if config.prune is not None:
         with timer.phase("pruning"):
-            report = prune(model, config.prune, calibration, progress)
+            report = workspace.prune(config.prune, calibration, progress)
         results["layer_time_s"] = report.layer_time_s
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated

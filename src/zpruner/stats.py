@@ -15,6 +15,24 @@ from torch import nn
 from .layers import weight_view
 
 
+class Contribution:
+    """The sums one input batch adds to a layer's statistics. Computed once per batch and
+    merged into every layer fed the very same tensor (q/k/v, gate/up): XᵀX of a shared
+    input would otherwise cost as much as the layers' own forward, once per layer."""
+
+    def __init__(self, x: torch.Tensor, count: int, s: torch.Tensor, sq: torch.Tensor, xtx: torch.Tensor | None):
+        self.x, self.count, self.sum, self.sumsq, self.xtx = x, count, s, sq, xtx
+
+    @classmethod
+    def of(cls, x: torch.Tensor, device: torch.device | str, hessian: bool) -> "Contribution":
+        flat = x.detach().reshape(-1, x.shape[-1]).to(device, torch.float32)
+        return cls(x, flat.shape[0], flat.sum(dim=0), flat.square().sum(dim=0),
+                   flat.t() @ flat if hessian else None)
+
+    def serves(self, x: torch.Tensor, device: torch.device, hessian: bool) -> bool:
+        return self.x is x and self.sum.device == device and (self.xtx is not None or not hessian)
+
+
 class ActivationStats:
     """Running sums over calibration tokens for one layer with ``d_in`` inputs."""
 
@@ -26,12 +44,14 @@ class ActivationStats:
 
     def add(self, x: torch.Tensor) -> None:
         """x: [..., d_in], any float dtype."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
-        self.count += x.shape[0]
-        self.sum += x.sum(dim=0)
-        self.sumsq += x.square().sum(dim=0)
+        self.merge(Contribution.of(x, self.sum.device, self.xtx is not None))
+
+    def merge(self, c: "Contribution") -> None:
+        self.count += c.count
+        self.sum += c.sum
+        self.sumsq += c.sumsq
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            self.xtx += c.xtx
 
     @property
     def l2(self) -> torch.Tensor:
@@ -53,13 +73,21 @@ class ActivationStats:
 def record_inputs(layers: dict[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, ActivationStats]]:
     """Accumulate the inputs of ``layers`` during every forward run inside the block."""
     stats, handles = {}, []
+    last: list[Contribution] = []  # the latest input's sums; holds its tensor so identity stays meaningful
+
+    def hook(acc: ActivationStats, x: torch.Tensor) -> None:
+        if not (last and last[0].serves(x, acc.sum.device, hessian)):
+            last[:] = [Contribution.of(x, acc.sum.device, hessian)]
+        acc.merge(last[0])
+
     for name, layer in layers.items():
         d_in = weight_view(layer).shape[1]
         acc = ActivationStats(d_in, layer.weight.device, hessian)
         stats[name] = acc
-        handles.append(layer.register_forward_hook(lambda _m, inputs, _out, acc=acc: acc.add(inputs[0])))
+        handles.append(layer.register_forward_hook(lambda _m, inputs, _out, acc=acc: hook(acc, inputs[0])))
     try:
         yield stats
     finally:
+        last.clear()
         for handle in handles:
             handle.remove()

@@ -1,0 +1,321 @@
+"""``zpruner sweep``: a grid of runs, one JSON line per finished run, resumable.
+
+The grid is models x methods x updates x patterns x sparsities x calibration sizes x seeds,
+from command-line lists and/or a TOML or YAML file. Each configuration has a key (a hash
+of everything that changes its numbers); a configuration whose key is already in the
+results file is not run again, so an interrupted sweep resumes where it stopped and a
+deleted line is re-run alone. Runs on one model share a ``Workspace``: the model is loaded
+once, each run starts from the dense weights kept in memory, and the calibration windows,
+evaluation tokens and task data are built once. The dense model is measured once per
+model and protocol, as its own line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import EvalConfig, ModelConfig, Pattern, PruneConfig, RunConfig, ZeroShotConfig, check_sparsity
+from .errors import ZprunerError
+from .protocols import check_protocol, expand
+from .scores import check_method
+from .updates import check_update
+
+log = logging.getLogger(__name__)
+
+AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "seeds")
+# Fixed options a grid file may set (the command line's spelling, with underscores).
+SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows", "eval_batch_size",
+            "tasks", "limit", "batch_size", "dense", "dtype", "device", "group", "ria_exponent", "cvr_alpha",
+            "cvr_eps", "ec_clamp", "blocksize", "damp", "calib_batch_size", "reallocate")
+
+
+@dataclass
+class Grid:
+    """Lists to combine (``AXES``) and fixed ``settings``. An N:M pattern fixes its own
+    sparsity, so ``sparsities`` applies to 'unstructured' only. ``nsamples`` None = the
+    protocol's (else 128)."""
+
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    methods: list[str] = field(default_factory=lambda: ["wanda"])
+    updates: list[str] = field(default_factory=lambda: ["none"])
+    patterns: list[str] = field(default_factory=lambda: ["unstructured"])
+    sparsities: list[float] = field(default_factory=lambda: [0.5])
+    nsamples: list[int | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in AXES:
+            value = getattr(self, name)
+            if not isinstance(value, list):
+                setattr(self, name, value := [value])
+            if not value:
+                raise ZprunerError(f"grid '{name}' is empty; give at least one value")
+        unknown = set(self.settings) - set(SETTINGS)
+        if unknown:
+            raise ZprunerError(f"grid setting(s) {', '.join(sorted(unknown))} unknown; "
+                               f"lists: {', '.join(AXES)}; settings: {', '.join(SETTINGS)}")
+        check_protocol(self.settings.get("protocol"))
+        for method in self.methods:
+            check_method(str(method))
+        for update in self.updates:
+            check_update(str(update))
+        for text in self.patterns:
+            Pattern.parse(str(text))
+        for value in self.sparsities:
+            check_sparsity(value)
+
+    def merged(self, overrides: dict[str, Any]) -> "Grid":
+        """This grid with every non-None ``overrides`` value (command-line options) in place."""
+        lists = {name: overrides.get(name) or getattr(self, name) for name in AXES}
+        settings = {**self.settings, **{k: v for k, v in overrides.items() if k in SETTINGS and v is not None}}
+        return Grid(**lists, settings=settings)
+
+
+def read_grid(path: str | os.PathLike) -> list[Grid]:
+    """The grids of a .toml or .yaml/.yml file: the ``AXES`` as lists (or single values) and
+    the ``SETTINGS`` as single values at the top level; optionally a list ``grids`` of
+    tables, each a grid of its own on top of the top-level values (a paper's table is
+    often a union: e.g. wanda, sparsegpt with update none, plus cvr with update ec)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ZprunerError(f"grid file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        else:
+            raise ZprunerError(f"grid file {path} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ZprunerError(f"grid file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ZprunerError(f"grid file {path} must be a mapping of option names to values")
+    parts = data.pop("grids", [{}])
+    if not isinstance(parts, list) or not parts or not all(isinstance(part, dict) for part in parts):
+        raise ZprunerError(f"grid file {path}: 'grids' must be a non-empty list of tables")
+    grids = []
+    for part in parts:
+        merged = {**data, **part}
+        grids.append(Grid(**{k: v for k, v in merged.items() if k in AXES},
+                          settings={k: v for k, v in merged.items() if k not in AXES}))
+    return grids
+
+
+def run_key(config: RunConfig | dict) -> str:
+    """16 hex digits naming what a run measures: the model, the pruning configuration's
+    ``identity``, the evaluation and zero-shot settings; not where its data or outputs
+    live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
+    lack newer fields: absent and None count the same)."""
+    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    for name in ("data_dir", "output_json", "save", "protocol", "schema_version", "dense_baseline"):
+        d.pop(name, None)
+    if d.get("prune") is not None:
+        prune = d["prune"] if isinstance(d["prune"], dict) else dataclasses.asdict(d["prune"])
+        d["prune"] = PruneConfig.from_dict(prune).identity()
+    d = _without_none(json.loads(json.dumps(d)))
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+@dataclass
+class Plan:
+    configs: list[RunConfig]
+    skipped: list[str]  # combinations that cannot run, with the reason
+
+
+def plan(grids: Grid | list[Grid], data_dir: str | None = None) -> Plan:
+    """The union of the grids' configurations (see ``plan_grid``), each once, in order."""
+    configs: dict[str, RunConfig] = {}
+    skipped: dict[str, None] = {}
+    for grid in [grids] if isinstance(grids, Grid) else grids:
+        part = plan_grid(grid, data_dir)
+        for config in part.configs:
+            configs.setdefault(run_key(config), config)
+        skipped.update(dict.fromkeys(part.skipped))
+    return Plan(list(configs.values()), list(skipped))
+
+
+def plan_grid(grid: Grid, data_dir: str | None = None) -> Plan:
+    """Every configuration of ``grid`` once, the dense model of each model first.
+
+    Combinations the methods refuse (e.g. sparsegpt with update sparsegpt) are listed in
+    ``skipped`` instead of stopping the sweep; a method that uses no calibration data runs
+    once, not once per calibration size and seed.
+    """
+    s = grid.settings
+    protocol = s.get("protocol")
+    zero_shot = None
+    if s.get("tasks") is not None:
+        zero_shot = ZeroShotConfig(s["tasks"], s.get("limit"), s.get("batch_size") or ZeroShotConfig.batch_size)
+    configs: dict[str, RunConfig] = {}
+    skipped: list[str] = []
+    for model_name in grid.models:
+        model = ModelConfig(str(model_name), s.get("dtype", "auto"), s.get("device", "auto"))
+
+        def run_config(prune: PruneConfig | None, opts: dict) -> RunConfig:
+            evaluation = EvalConfig(s.get("eval_dataset", "wikitext2"), opts["eval_seqlen"], opts["eval_windows"],
+                                    s.get("eval_batch_size", 1))
+            return RunConfig(model, prune, evaluation, data_dir, zero_shot=zero_shot, protocol=protocol)
+
+        base = {"seqlen": s.get("seqlen"), "eval_seqlen": s.get("eval_seqlen"), "eval_windows": s.get("eval_windows")}
+        if s.get("dense", True):
+            dense = run_config(None, expand(protocol, base))
+            configs.setdefault(run_key(dense), dense)
+        for nsamples in grid.nsamples:
+            opts = expand(protocol, {**base, "nsamples": nsamples})
+            for seed in grid.seeds:
+                for method in grid.methods:
+                    for update in grid.updates:
+                        for pattern in grid.patterns:
+                            nm = Pattern.parse(str(pattern)).is_nm
+                            for sparsity in [None] if nm else grid.sparsities:
+                                label = f"{model_name} {method} update={update} {pattern}" + (
+                                    "" if nm else f" {sparsity}")
+                                try:
+                                    prune = PruneConfig(
+                                        str(method), sparsity, str(pattern), s.get("group"), opts["nsamples"],
+                                        opts["seqlen"], int(seed), s.get("calibration", "c4"), str(update),
+                                        bool(s.get("reallocate", False)), **_constants(s))
+                                except ZprunerError as exc:  # each value alone was checked: a combination
+                                    skipped.append(f"{label}: {exc}")
+                                    continue
+                                config = run_config(prune, opts)  # a data-free method's key ignores calibration
+                                configs.setdefault(run_key(config), config)
+    return Plan(list(configs.values()), skipped)
+
+
+def _constants(settings: dict) -> dict:
+    names = ("ria_exponent", "cvr_alpha", "cvr_eps", "ec_clamp", "blocksize", "damp", "calib_batch_size")
+    return {name: settings[name] for name in names if settings.get(name) is not None}
+
+
+def read_done(path: Path) -> set[str]:
+    """Keys of the runs already in the results file, recomputed from each line's config
+    (so files written by older versions still count). A line that does not parse (a run
+    killed while writing) is ignored with a warning, so that run happens again."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                done.add(run_key(json.loads(line)["config"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ZprunerError):
+                log.warning("%s:%d is not a sweep result line; ignored", path, lineno)
+    return done
+
+
+def append_line(path: Path, entry: dict) -> None:
+    """One complete line per finished run, written with a single call under an exclusive
+    lock, so sweeps sharing a results file never interleave or split lines."""
+    data = (json.dumps(entry) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a run died mid-line: start a fresh one
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def adopt(paths: list[str | os.PathLike], results: str | os.PathLike) -> list[str]:
+    """Append single-run results (``zpruner prune/eval --output-json``) to a sweep's results
+    file, keyed like the sweep's own lines, so the sweep does not run them again. Returns
+    the files added; a file whose configuration is already there is left out."""
+    path = Path(results).expanduser()
+    done = read_done(path)
+    added = []
+    for source in paths:
+        try:
+            result = json.loads(Path(source).read_text(encoding="utf-8"))
+            key = run_key(result["config"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ZprunerError(f"{source} is not a results file written by --output-json ({exc})") from None
+        if key in done:
+            continue
+        done.add(key)
+        append_line(path, {"run_key": key, "protocol": result["config"].get("protocol"), "adopted_from": str(source),
+                           **result})
+        added.append(str(source))
+    return added
+
+
+def describe(config: RunConfig) -> str:
+    p = config.prune
+    if p is None:
+        return f"{config.model.name} dense"
+    what = p.method + ("" if p.update == "none" else f"+{p.update}") + ("+realloc" if p.reallocate else "")
+    pattern = p.pattern if p.parsed_pattern.is_nm else f"{100 * p.sparsity:g}%"
+    return f"{config.model.name} {what} {pattern} n={p.nsamples}x{p.seqlen} seed={p.seed}"
+
+
+@dataclass
+class SweepSummary:
+    planned: int
+    already_done: int
+    ran: list[str]
+    failed: list[str]
+
+
+def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bool = True,
+              echo: Callable[[str], None] = print) -> SweepSummary:
+    """Run every configuration whose key is not yet in ``results``, appending a line each.
+
+    A run that fails with a ZprunerError is reported and the sweep goes on; it writes
+    nothing, so the next sweep tries it again.
+    """
+    from .runner import Workspace, run  # torch-heavy
+
+    path = Path(results).expanduser()
+    if not path.parent.is_dir():
+        raise ZprunerError(f"results folder {path.parent} does not exist; create it first")
+    done = read_done(path)
+    todo = [c for c in configs if run_key(c) not in done]
+    summary = SweepSummary(len(configs), len(configs) - len(todo), [], [])
+    echo(f"sweep: {len(configs)} configurations, {summary.already_done} already in {path}, {len(todo)} to run")
+    workspace = None
+    for i, config in enumerate(sorted(todo, key=lambda c: c.model.name), 1):  # stable: dense first per model
+        key = run_key(config)
+        if key in read_done(path):  # another sweep on the same file finished it meanwhile
+            continue
+        if workspace is None or workspace.model_config != config.model:
+            workspace = Workspace(config.model, config.data_dir, keep_dense=True)
+        start = time.perf_counter()
+        try:
+            result = run(config, progress, workspace)
+        except ZprunerError as exc:
+            summary.failed.append(f"{describe(config)}: {exc}")
+            echo(f"[{i}/{len(todo)}] {describe(config)}: failed: {exc}")
+            continue
+        append_line(path, {"run_key": key, "protocol": config.protocol, **result})
+        summary.ran.append(describe(config))
+        ppl = result.get("perplexity_protocol", {}).get("value")
+        zs = result.get("zero_shot", {}).get("average")
+        echo(f"[{i}/{len(todo)}] {describe(config)}"
+             + (f"  ppl {ppl:.3f}" if ppl is not None else "")
+             + (f"  zero-shot avg {zs:.4f}" if zs is not None else "")
+             + f"  ({time.perf_counter() - start:.0f} s)")
+    return summary
