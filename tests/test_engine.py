@@ -133,3 +133,23 @@ def test_engine_keyword_hidden_states_tuple_outputs_and_per_sample_kwargs():
             expected.append(h)
     for got, want in zip(hidden, expected):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_without_last_outputs_the_last_block_is_not_rerun():
+    """Pruning needs nothing after the last block: its final run is skipped, and what comes
+    back is the last block's input (as the full model computes it)."""
+    model = build_tiny_model("llama", vocab_size=300)
+    samples = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(4))
+    last = find_blocks(model)[-1]
+    inputs = []
+    handle = last.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(samples, use_cache=False)
+        calls_before = len(inputs)
+        hidden = run_layerwise(model, samples, lambda i, block, forward: forward(), progress=False,
+                               batch_size=2, last_outputs=False)
+    finally:
+        handle.remove()
+    assert len(inputs) - calls_before == 1  # the visit's own forward only
+    assert (hidden[0] - inputs[0]).abs().max().item() <= 1e-5

@@ -35,6 +35,13 @@ def test_sweep_runs_each_configuration_once_and_resumes(capsys, tmp_path, tiny_m
     assert all(e["sparsity"]["overall"] == pytest.approx(0.5) for e in first)
     capsys.readouterr()
 
+    # the report shows every run in Table 1
+    assert main(["report", str(results), "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for entry in first:
+        assert f"{entry['perplexity']['wikitext2']:.2f}" in report
+    capsys.readouterr()
+
     assert main(argv) == 0  # nothing left to run
     assert "4 already in" in capsys.readouterr().out
     assert lines(results) == first

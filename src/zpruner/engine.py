@@ -114,14 +114,15 @@ def capture_block_inputs(
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True,
-    batch_size: int = 1,
+    batch_size: int = 1, last_outputs: bool = True,
 ) -> list[torch.Tensor]:
     """Carry ``samples`` through every decoder block, ``batch_size`` at a time; returns the
     last block's outputs per batch ([b, seqlen, hidden] each, in sample order).
 
     Memory beyond the model: the hidden states of every sample (overwritten in place as
     the blocks advance), one batch's activations inside the block, plus whatever ``visit``
-    keeps for the current block.
+    keeps for the current block. ``last_outputs=False`` skips the last block's final run
+    (pruning needs no outputs after it) and returns its inputs instead.
     """
     blocks = find_blocks(model)
     was_training = model.training
@@ -131,7 +132,8 @@ def run_layerwise(
         for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
                 visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
-            _forward(block, calls, hidden, keep=True)
+            if last_outputs or i < len(blocks) - 1:
+                _forward(block, calls, hidden, keep=True)
     finally:
         model.train(was_training)
     return hidden

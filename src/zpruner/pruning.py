@@ -152,6 +152,6 @@ def prune(
                 forward()
             prune_block(layers, stats, forward)
 
-        run_layerwise(model, calibration, visit, progress, config.calib_batch_size)
+        run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False)
     report.total_s = time.perf_counter() - start
     return report
