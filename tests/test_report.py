@@ -264,3 +264,20 @@ def test_report_command_writes_next_to_the_results_by_default(capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_perplexity_measured_again_with_zero_shot_counts_once(results):
+    """The same pruning re-run with zero-shot tasks added: its zero-shot numbers make Table 2,
+    its repeated perplexity does not make Table 1 a two-run mean."""
+    sweep_line = next(r for r in results if r.get("run_key") == "wanda-none-2:4")
+    again = copy.deepcopy(sweep_line)
+    again["config"]["zero_shot"] = {"tasks": ["boolq"], "limit": 50, "batch_size": 8}
+    again["perplexity_protocol"]["value"] = 199.0
+    again["zero_shot"] = {"boolq": {"acc": 0.5, "acc_stderr": 0.07, "acc_norm": None, "acc_norm_stderr": None,
+                                    "n": 50, "metric": "acc", "source": "local"},
+                          "average": 0.5, "skipped": {}}
+    markdown = build_tables([*results, again])
+    _, rows, _ = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 1")
+    assert rows["wanda"][2] == "195.17"
+    _, rows, protocol = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 2")
+    assert rows["wanda"] == ["2:4", "50.00", "50.00"] and "zero-shot limit 50" in protocol

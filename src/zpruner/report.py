@@ -188,9 +188,15 @@ def make_entries(results: list[dict], indices: list[int]) -> list[Entry]:
         if constants not in variants[base]:
             variants[base].append(constants)
     entries = []
+    perplexity_of: set[str] = set()
     for i in indices:
         result = results[i]
         prune, constants = result["config"]["prune"], _constants(result)
+        # A configuration measured again with zero-shot tasks added repeats its perplexity
+        # measurement: the perplexity tables count the first one only.
+        ppl_key = config_key({"config": {**result["config"], "zero_shot": None}})
+        ppl = _ppl(result) if ppl_key not in perplexity_of else None
+        perplexity_of.add(ppl_key)
         base = method_label(prune)
         differing = sorted(k for k in constants if len({json.dumps(c.get(k)) for c in variants[base]}) > 1)
         suffix = f" ({', '.join(f'{k}={json.dumps(constants.get(k))}' for k in differing)})" if differing else ""
@@ -198,7 +204,7 @@ def make_entries(results: list[dict], indices: list[int]) -> list[Entry]:
                  bool(prune.get("reallocate")), base, suffix)
         zero_shot = result.get("zero_shot")
         entries.append(Entry(i, base, base + suffix, order, setting_of(prune), prune.get("seed"),
-                             prune.get("nsamples"), _ppl(result), zero_shot, _zs_key(result, zero_shot)))
+                             prune.get("nsamples"), ppl, zero_shot, _zs_key(result, zero_shot)))
     return entries
 
 
