@@ -183,3 +183,20 @@ def test_run_key_ignores_paths_and_batching_but_not_settings():
     other = RunConfig(ModelConfig("m"), PruneConfig("wanda", seqlen=512, seed=1))
     assert run_key(base) == run_key(same) != run_key(other)
     assert run_key(base) != run_key(RunConfig(ModelConfig("m"), PruneConfig("wanda", seqlen=256)))
+
+
+def test_adopted_single_runs_are_not_run_again(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    model_dir, solo, results = tiny_model_dir("llama"), tmp_path / "solo.json", tmp_path / "r.jsonl"
+    assert main(["prune", "--model", str(model_dir), "--data-dir", str(tiny_data_dir), "--pattern", "2:4",
+                 "--seqlen", "32", "--nsamples", "4", "--eval-seqlen", "32", "--eval-windows", "4", "--quiet",
+                 "--output-json", str(solo)]) == 0
+    argv = sweep_args(model_dir, tiny_data_dir, results, "--patterns", "2:4,4:8", "--no-dense", "--adopt", str(solo))
+    assert main([*argv, "--dry-run"]) == 0  # a dry run writes nothing
+    assert not results.exists()
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"adopted {solo}" in out and "ran 1," in out  # 4:8 only
+    entries = lines(results)
+    assert [e.get("adopted_from") for e in entries] == [str(solo), None]
+    assert entries[0]["perplexity"] == json.loads(solo.read_text())["perplexity"]

@@ -40,10 +40,14 @@ def _clamp_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_protocol_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=list(PROTOCOLS),
                    help="preset of calibration and perplexity options (explicit options win): "
                         + "; ".join(describe(name) for name in PROTOCOLS))
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    _add_protocol_option(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
@@ -171,9 +175,7 @@ def _add_sweep_parser(sub) -> None:
                                    "the options (comma-separated) and/or a TOML/YAML grid file; options win.")
     w.add_argument("grid", nargs="?", help="grid file (.toml, .yaml): the lists below and fixed settings by name")
     w.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file, appended to")
-    w.add_argument("--protocol", choices=list(PROTOCOLS),
-                   help="preset of calibration and perplexity options (explicit options win): "
-                        + "; ".join(describe(name) for name in PROTOCOLS))
+    _add_protocol_option(w)
     g = w.add_argument_group("grid (comma-separated lists)")
     g.add_argument("--models", type=_comma_list(str), help="default: smollm2-135m")
     g.add_argument("--methods", type=_comma_list(str), help="default: wanda")
@@ -192,7 +194,7 @@ def _add_sweep_parser(sub) -> None:
     f.add_argument("--dry-run", action="store_true", help="print the configurations to run, run nothing")
     f.add_argument("--adopt", nargs="+", metavar="JSON",
                    help="first add these single-run results (zpruner prune --output-json) to --results, "
-                        "so their configurations are not run again")
+                        "so their configurations are not run again (not with --dry-run)")
     f.add_argument("--data-dir", help="local data folder (default: $ZPRUNER_DATA_DIR, else the hub)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -212,18 +214,17 @@ def grid_from_args(args: argparse.Namespace):
 
 
 def sweep_main(args: argparse.Namespace) -> int:
-    from .sweep import describe as describe_run
     from pathlib import Path
 
     from .sweep import adopt, plan, read_done, run_key, run_sweep
+    from .sweep import describe as describe_run
 
-    if args.adopt:
-        for source in adopt(args.adopt, args.results):
-            print(f"adopted {source}")
-    grids = grid_from_args(args)
-    planned = plan(grids, args.data_dir)
+    planned = plan(grid_from_args(args), args.data_dir)  # a bad grid stops here, before anything is written
     for line in planned.skipped:
         print(f"skipped (not a valid combination): {line}")
+    if args.adopt and not args.dry_run:
+        for source in adopt(args.adopt, args.results):
+            print(f"adopted {source}")
     if args.dry_run:
         done = read_done(Path(args.results).expanduser())
         for config in planned.configs:
