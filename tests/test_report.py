@@ -188,7 +188,8 @@ def test_zero_shot_limits_are_separate_tables(results):
 def test_write_report_files(tmp_path):
     out = tmp_path / "report"
     written = write_report([str(FIXTURE)], out, title="Fixture report")
-    assert written == [out / "report.md", out / "ppl_vs_sparsity_1.png", out / "ppl_vs_calibration.png"]
+    assert written == [out / "report.md", *(out / f"ppl_by_pattern_{i}.png" for i in (1, 2, 3)),
+                       out / "ppl_vs_sparsity_1.png", out / "ppl_vs_calibration.png"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temp files left
     for png in written[1:]:
         assert png.read_bytes()[:4] == PNG
@@ -199,6 +200,7 @@ def test_write_report_files(tmp_path):
     assert "![perplexity versus calibration samples](ppl_vs_calibration.png)" in text
     # the plots are linked under their own group's tables
     assert "ppl_vs_sparsity_1.png" in group(text, "Group 1:")
+    assert "![perplexity by method and sparsity pattern](ppl_by_pattern_3.png)" in group(text, "Group 3:")
 
 
 def test_no_plot_without_data(tmp_path):
@@ -206,10 +208,15 @@ def test_no_plot_without_data(tmp_path):
              if line["config"]["prune"] is None or line["run_key"] in ("wanda-none-50", "sparsegpt-none-2:4")]
     out = tmp_path / "out"
     written = write_report([write_lines(tmp_path / "few.jsonl", lines)], out)
-    assert written == [out / "report.md"]
-    assert [p.name for p in out.iterdir()] == ["report.md"]
+    # one sparsity and one calibration size: Table 1's bars only
+    assert written == [out / "report.md", out / "ppl_by_pattern.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["ppl_by_pattern.png", "report.md"]
     text = written[0].read_text()
-    assert "![" not in text and "| wanda | 66.84 |  |" in text
+    assert text.count("![") == 1 and "| wanda | 66.84 |  |" in text
+    # a dense model alone: nothing to plot
+    dense_out = tmp_path / "dense"
+    assert write_report([write_lines(tmp_path / "dense.jsonl", lines_of(FIXTURE)[:1])], dense_out) == [
+        dense_out / "report.md"]
 
 
 def test_dense_only_input(tmp_path):

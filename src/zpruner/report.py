@@ -439,7 +439,16 @@ def _group_heading(group: Group) -> str:
     return f"{group.model}, {calibration}, {_describe_eval(group.eval)}"
 
 
-def group_sections(results: list[dict], group: Group, sparsity_plot: str | None = None) -> list[str]:
+def headline_settings(group: Group) -> list[Setting]:
+    """The columns of Tables 1 and 5: 50 % unstructured and the N:M patterns, as in the
+    papers (other sparsities are Table 4's); every setting when 50 % was not measured."""
+    settings = sorted({e.setting for e in group.entries if e.ppl is not None}, key=lambda s: s.order)
+    headline = [s for s in settings if s.nm or s.sparsity == 0.5]
+    return headline if any(s.nm is None for s in headline) else settings
+
+
+def group_sections(results: list[dict], group: Group, sparsity_plot: str | None = None,
+                   pattern_plot: str | None = None) -> list[str]:
     """Tables 1, 2, 4 and 5 of one protocol group (those it has data for)."""
     out: list[str] = []
 
@@ -448,13 +457,11 @@ def group_sections(results: list[dict], group: Group, sparsity_plot: str | None 
             out.extend(["", f"### {title}", "", *table, "", protocol_line(results, used, group.eval, zs), *extra])
 
     settings = sorted({e.setting for e in group.entries if e.ppl is not None}, key=lambda s: s.order)
-    # The papers' Tables 1 and 5 are 50 % unstructured and N:M; other sparsities are Table 4's.
-    headline = [s for s in settings if s.nm or s.sparsity == 0.5]
-    if not any(s.nm is None for s in headline):
-        headline = settings
+    headline = headline_settings(group)
     labels = _labels(group.entries)
     if settings:
-        emit("Table 1 — perplexity by method and sparsity pattern", *_ppl_table(group, headline, labels))
+        emit("Table 1 — perplexity by method and sparsity pattern", *_ppl_table(group, headline, labels),
+             extra=_image(pattern_plot, "perplexity by method and sparsity pattern"))
     elif group.dense:
         emit("Dense perplexity", _table(["method", "perplexity"], [["dense", fmt_cell(group.dense)]]),
              {i for i, _ in group.dense})
@@ -517,7 +524,7 @@ def build_report(results: list[dict], inputs: Iterable[tuple[str, int]] = (), pl
     for i, group in enumerate(groups):
         prefix = f"Group {i + 1}: " if len(groups) > 1 else ""
         out += ["", f"## {prefix}{_group_heading(group)}"]
-        out += group_sections(results, group, plots.get(("sparsity", i)))
+        out += group_sections(results, group, plots.get(("sparsity", i)), plots.get(("pattern", i)))
     if calibration:
         out += ["", "## Calibration size"]
         for j, group in enumerate(calibration):
@@ -569,6 +576,39 @@ def _line_plot(series: dict[str, dict[float, list[float]]], dense: list[float], 
 
 def _finite(values: Iterable[tuple[Any, float]]) -> list[float]:
     return [v for _, v in values if v is not None and math.isfinite(v)]
+
+
+def plot_ppl_by_pattern(group: Group):
+    """Table 1 as grouped bars: perplexity (log) per method, one bar per 50 % / N:M setting,
+    dense as a dashed line; None when the group has no pruned perplexity."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    settings = headline_settings(group)
+    cells: dict[str, dict[Setting, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in sorted(group.entries, key=lambda e: e.order):
+        if e.ppl is not None and math.isfinite(e.ppl) and e.setting in settings:
+            cells[e.label][e.setting].append(e.ppl)
+    if not cells:
+        return None
+    fig = Figure(figsize=(min(12.0, max(6.4, 0.3 * len(cells) * len(settings) + 1.5)), 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(settings)
+    colours = matplotlib.colormaps["tab10"]
+    for j, setting in enumerate(settings):
+        xs = [i + (j - (len(settings) - 1) / 2) * width for i in range(len(cells))]
+        heights = [statistics.fmean(points[setting]) if points.get(setting) else 0.0 for points in cells.values()]
+        ax.bar(xs, heights, width, label=setting.label, color=colours(j % 10))
+    dense = _finite(group.dense)
+    if dense:
+        ax.axhline(statistics.fmean(dense), linestyle="--", color="black", label="dense")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cells)), list(cells), rotation=30, ha="right")
+    dataset = group.eval[0] if group.eval else ""
+    ax.set_ylabel(f"{dataset} perplexity (log)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
 
 
 def plot_ppl_vs_sparsity(group: Group):
@@ -628,13 +668,14 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, tit
     out.mkdir(parents=True, exist_ok=True)
     groups, calibration = protocol_groups(results), calibration_groups(results)
     figures = {}
-    for kind, plot, group_list in (("sparsity", plot_ppl_vs_sparsity, groups),
+    for kind, plot, group_list in (("pattern", plot_ppl_by_pattern, groups),
+                                   ("sparsity", plot_ppl_vs_sparsity, groups),
                                    ("calibration", plot_ppl_vs_calibration, calibration)):
         for i, group in enumerate(group_list):
             figure = plot(group)
             if figure is not None:
                 suffix = f"_{i + 1}" if len(group_list) > 1 else ""
-                figures[kind, i] = (f"ppl_vs_{kind}{suffix}.png", figure)
+                figures[kind, i] = (f"ppl_{'by' if kind == 'pattern' else 'vs'}_{kind}{suffix}.png", figure)
     written = []
     for name, figure in figures.values():
         _write_atomic(out / name, lambda f, fig=figure: fig.savefig(f, format="png", dpi=120))
