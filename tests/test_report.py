@@ -101,11 +101,16 @@ def test_ablation_rows_in_paper_order(markdown):
     assert rows["+ EC along columns"][1:] == ["155.40", "330.12"]
 
 
-def test_ablation_needs_two_rows(tmp_path):
+def test_ablation_needs_wanda_and_the_cvr_score(tmp_path):
     lines = [line for line in lines_of(FIXTURE)
              if line["config"]["prune"] is None or line["config"]["prune"]["method"] == "sparsegpt"
              or line["run_key"] == "wanda-none-2:4"]
     assert "Table 5" not in build_tables(lines)
+    # Wanda and full CVR+EC without the CVR-score step are Table 1 rows, not an ablation
+    with_ec = next(line for line in lines_of(FIXTURE) if line["config"]["prune"] and
+                   line["config"]["prune"]["method"] == "cvr" and line["config"]["prune"]["update"] == "ec"
+                   and line["config"]["prune"]["pattern"] == "2:4")
+    assert "Table 5" not in build_tables([*lines, with_ec])
     lines.append(next(line for line in lines_of(FIXTURE) if line["run_key"] == "cvr-none-2:4"))
     assert "Table 5" in build_tables(lines)
 

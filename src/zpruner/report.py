@@ -482,7 +482,8 @@ def group_sections(results: list[dict], group: Group, sparsity_plot: str | None 
     bases = {e.label: e.base for e in group.entries if e.ppl is not None}
     ablation = [(label, name + label[len(base):]) for base, name in ABLATION
                 for label, _ in labels if bases.get(label) == base]
-    if len({bases[label] for label, _ in ablation}) >= 2:
+    # an ablation starts from Wanda and swaps in the CVR score; later steps are optional
+    if {"wanda", "cvr"} <= {bases[label] for label, _ in ablation}:
         emit("Table 5 — ablation", *_ppl_table(group, headline, ablation))
     return out
 
