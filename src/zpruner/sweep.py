@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -179,26 +180,21 @@ def plan_grid(grid: Grid, data_dir: str | None = None) -> Plan:
         if s.get("dense", True):
             dense = run_config(None, expand(protocol, base))
             configs.setdefault(run_key(dense), dense)
-        for nsamples in grid.nsamples:
+        for nsamples, seed, method, update, pattern in itertools.product(
+                grid.nsamples, grid.seeds, grid.methods, grid.updates, grid.patterns):
             opts = expand(protocol, {**base, "nsamples": nsamples})
-            for seed in grid.seeds:
-                for method in grid.methods:
-                    for update in grid.updates:
-                        for pattern in grid.patterns:
-                            nm = Pattern.parse(str(pattern)).is_nm
-                            for sparsity in [None] if nm else grid.sparsities:
-                                label = f"{model_name} {method} update={update} {pattern}" + (
-                                    "" if nm else f" {sparsity}")
-                                try:
-                                    prune = PruneConfig(
-                                        str(method), sparsity, str(pattern), s.get("group"), opts["nsamples"],
+            nm = Pattern.parse(str(pattern)).is_nm
+            for sparsity in [None] if nm else grid.sparsities:
+                try:
+                    prune = PruneConfig(str(method), sparsity, str(pattern), s.get("group"), opts["nsamples"],
                                         opts["seqlen"], int(seed), s.get("calibration", "c4"), str(update),
                                         bool(s.get("reallocate", False)), **_constants(s))
-                                except ZprunerError as exc:  # each value alone was checked: a combination
-                                    skipped.append(f"{label}: {exc}")
-                                    continue
-                                config = run_config(prune, opts)  # a data-free method's key ignores calibration
-                                configs.setdefault(run_key(config), config)
+                except ZprunerError as exc:  # each value alone was checked: a combination
+                    label = f"{model_name} {method} update={update} {pattern}" + ("" if nm else f" {sparsity}")
+                    skipped.append(f"{label}: {exc}")
+                    continue
+                config = run_config(prune, opts)  # a data-free method's key ignores calibration
+                configs.setdefault(run_key(config), config)
     return Plan(list(configs.values()), skipped)
 
 
