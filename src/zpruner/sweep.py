@@ -11,7 +11,6 @@ model and protocol, as its own line.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -124,8 +123,7 @@ def run_key(config: RunConfig | dict) -> str:
     for name in ("data_dir", "output_json", "save", "protocol", "schema_version", "dense_baseline"):
         d.pop(name, None)
     if d.get("prune") is not None:
-        prune = d["prune"] if isinstance(d["prune"], dict) else dataclasses.asdict(d["prune"])
-        d["prune"] = PruneConfig.from_dict(prune).identity()
+        d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
     d = _without_none(json.loads(json.dumps(d)))
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
