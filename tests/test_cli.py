@@ -194,7 +194,9 @@ def test_local_text_file_as_eval_corpus_and_resave(capsys, tmp_path, tiny_model_
     out, save = tmp_path / "r.json", tmp_path / "m"
     base = [*quick(tiny_model_dir("mistral"), tiny_data_dir), "--eval-dataset", str(corpus), "--save", str(save)]
     assert main(["prune", *base, "--sparsity", "0.3"]) == 0
-    assert main(["prune", *base, "--sparsity", "0.6", "--output-json", str(out)]) == 0  # replaces the first save
+    assert main(["prune", *base, "--sparsity", "0.6", "--output-json", str(out)]) == 2  # refuses to replace it
+    assert not out.exists()
+    assert main(["prune", *base, "--sparsity", "0.6", "--output-json", str(out), "--overwrite"]) == 0  # replaces it
     results = json.loads(out.read_text())
     assert results["perplexity"][str(corpus)] > 1.0
     assert results["perplexity_protocol"]["windows"] >= 1

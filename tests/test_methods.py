@@ -185,7 +185,7 @@ def test_sparsegpt_dead_inputs_do_not_break_the_factorisation():
     (dict(ec_clamp=(1.5, 2.0)), "must contain 1"),
     (dict(reallocate=True), "--reallocate needs an N:M"),
     (dict(method="sparsegpt", pattern="2:4", reallocate=True), "--reallocate needs"),
-    (dict(damp=0.0), "damp must be positive"),
+    (dict(damp=0.0), r"damp \(--damp\) must be a finite number > 0"),
 ])
 def test_bad_method_combinations_are_refused(kwargs, message):
     with pytest.raises(ZprunerError, match=message):

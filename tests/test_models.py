@@ -83,7 +83,7 @@ def test_device_and_dtype_resolution():
     with pytest.raises(ZprunerError, match="not understood"):
         resolve_device("tpu-please")
     if not torch.cuda.is_available():
-        with pytest.raises(ZprunerError, match="no CUDA GPU; use --device cpu"):
+        with pytest.raises(ZprunerError, match="sees no CUDA device; use --device cpu"):
             resolve_device("cuda")
 
 

@@ -2,6 +2,7 @@
 hand-written results file (tests/data/report_results.jsonl)."""
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -235,10 +236,20 @@ def test_missing_file(tmp_path):
         load_results([tmp_path / "nope.jsonl"])
 
 
-def test_bad_json_line_names_file_and_line(tmp_path):
+def test_cut_off_line_is_skipped_with_a_notice(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("zpruner"), "propagate", True)  # the CLI turns it off
+    path = tmp_path / "killed.jsonl"
+    first = FIXTURE.read_text().splitlines()[0]
+    path.write_text(first + "\n\n" + first[: len(first) // 2])  # a sweep killed while appending
+    with caplog.at_level("WARNING", logger="zpruner"):
+        assert len(load_results([path])) == 1
+    assert "killed.jsonl: line 3 is not valid JSON" in caplog.text
+
+
+def test_file_with_no_json_line_is_refused(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(FIXTURE.read_text().splitlines()[0] + "\n\n{not json\n")
-    with pytest.raises(ZprunerError, match=r"bad\.jsonl line 3 is not valid JSON"):
+    path.write_text("{not json\nnor this\n")
+    with pytest.raises(ZprunerError, match=r"bad\.jsonl line 1 is not valid JSON, nor is any other line"):
         load_results([path])
 
 

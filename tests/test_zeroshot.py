@@ -122,7 +122,7 @@ def test_task_names_and_sets():
     for bad, message in (("arc_easy,bogus", "task 'bogus' is unknown"), (",", "no task given")):
         with pytest.raises(ZprunerError, match=message):
             parse_tasks(bad)
-    with pytest.raises(ZprunerError, match="limit must be a positive integer"):
+    with pytest.raises(ZprunerError, match=r"limit \(--limit\) must be an integer >= 1"):
         ZeroShotConfig("piqa", limit=0)
 
 

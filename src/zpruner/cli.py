@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .config import PruneConfig as _Defaults
 from .errors import ZprunerError
+from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe, expand
 from .scores import method_names
 from .updates import UPDATES
@@ -31,12 +33,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("a window of 1 token predicts nothing; give at least 2")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _clamp_range(text: str) -> tuple[float, float]:
     parts = text.split(",")
     try:
-        lo, hi = (float(v) for v in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a range LO,HI such as 0.5,2") from None
+        lo, hi = (_finite(v) for v in parts)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range LO,HI of finite numbers such as 0.5,2") from None
     return lo, hi
 
 
@@ -62,7 +81,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
     g.add_argument("--eval-dataset", default="wikitext2",
                    help="'wikitext2' (test split) or a local .txt/.jsonl file. Default: %(default)s")
-    g.add_argument("--eval-seqlen", type=_positive_int,
+    g.add_argument("--eval-seqlen", type=_window,
                    help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
     g.add_argument("--eval-windows", type=_positive_int,
                    help="evaluate only the first K windows; default: the --protocol's, else all")
@@ -104,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update", default="none", choices=UPDATES,
                    help="correct the kept weights after the mask: energy compensation (ec = column then row) "
                         "or SparseGPT reconstruction with the method's mask. Default: %(default)s")
-    g.add_argument("--sparsity", type=float,
+    g.add_argument("--sparsity", type=_finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", default="unstructured",
                    help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8")
@@ -125,15 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reallocate", action="store_true",
                    help="N:M only: RIA channel reallocation + linear-sum assignment where the layer's input "
                         "channels can be permuted exactly (rows of the layers that produce them)")
-    c.add_argument("--ria-exponent", type=float, default=d.ria_exponent, help="RIA activation exponent a. Default: %(default)s")
-    c.add_argument("--cvr-alpha", type=float, default=d.cvr_alpha, help="CVR weight-variance exponent. Default: %(default)s")
-    c.add_argument("--cvr-eps", type=float, default=d.cvr_eps, help="CVR variance floor. Default: %(default)s")
+    c.add_argument("--ria-exponent", type=_finite, default=d.ria_exponent, help="RIA activation exponent a. Default: %(default)s")
+    c.add_argument("--cvr-alpha", type=_finite, default=d.cvr_alpha, help="CVR weight-variance exponent. Default: %(default)s")
+    c.add_argument("--cvr-eps", type=_finite, default=d.cvr_eps, help="CVR variance floor. Default: %(default)s")
     c.add_argument("--ec-clamp", type=_clamp_range, default=d.ec_clamp, metavar="LO,HI",
                    help="bounds of the EC scale factors. Default: %s,%s" % d.ec_clamp)
     c.add_argument("--blocksize", type=_positive_int, default=d.blocksize, help="SparseGPT column block. Default: %(default)s")
-    c.add_argument("--damp", type=float, default=d.damp,
+    c.add_argument("--damp", type=_finite, default=d.damp,
                    help="SparseGPT damping, fraction of the mean Hessian diagonal. Default: %(default)s")
-    g.add_argument("--save", metavar="DIR", help="write the pruned model here (safetensors, loadable by transformers)")
+    g.add_argument("--save", metavar="DIR",
+                   help="write the pruned model here (safetensors, loadable by transformers): a new or empty folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
+                        "no other folder is ever replaced")
     _add_eval_options(p)
     _add_zero_shot_options(p)
     _add_output_options(p)
@@ -186,7 +209,7 @@ def _add_sweep_parser(sub) -> None:
     g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds; default: 0")
     f = w.add_argument_group("fixed settings")
     f.add_argument("--seqlen", type=_positive_int, help="calibration window tokens; default: the protocol's")
-    f.add_argument("--eval-seqlen", type=_positive_int, help="perplexity window; default: the protocol's")
+    f.add_argument("--eval-seqlen", type=_window, help="perplexity window; default: the protocol's")
     f.add_argument("--eval-windows", type=_positive_int, help="first K perplexity windows; default: the protocol's")
     f.add_argument("--tasks", metavar="T1,T2", help="zero-shot tasks for every run (e.g. paper)")
     f.add_argument("--limit", type=_positive_int, metavar="N", help="items per zero-shot task")
@@ -219,6 +242,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     from .sweep import adopt, plan, read_done, run_key, run_sweep
     from .sweep import describe as describe_run
 
+    check_output_file("--results", args.results)
     planned = plan(grid_from_args(args), args.data_dir)  # a bad grid stops here, before anything is written
     for line in planned.skipped:
         print(f"skipped (not a valid combination): {line}")
@@ -226,7 +250,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         for source in adopt(args.adopt, args.results):
             print(f"adopted {source}")
     if args.dry_run:
-        done = read_done(Path(args.results).expanduser())
+        done = read_done(Path(args.results).expanduser().resolve())
         for config in planned.configs:
             key = run_key(config)
             print(f"{key}  {'done ' if key in done else 'to run'}  {describe_run(config)}")
@@ -245,6 +269,7 @@ def report_main(args: argparse.Namespace) -> int:
     from .report import write_report
 
     out = args.out if args.out is not None else Path(args.results[0]).expanduser().parent
+    check_output_folder("--out", out)
     for path in write_report(args.results, out, args.title):
         print(path)
     return 0
@@ -269,7 +294,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     elif args.limit is not None or args.batch_size is not None:
         raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
     return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
-                     getattr(args, "save", None), args.output_json, zero_shot, args.protocol)
+                     getattr(args, "save", None), args.output_json, zero_shot, args.protocol,
+                     getattr(args, "overwrite", False))
 
 
 def format_summary(results: dict) -> str:
@@ -283,8 +309,8 @@ def format_summary(results: dict) -> str:
     for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned" if cfg["prune"] else "model")):
         proto = results.get(key + "_protocol")
         if proto:
-            lines.append(f"perplexity  {label:<7}{proto['value']:10.3f}   "
-                         f"({proto['windows']} windows x {proto['seqlen']} tokens)")
+            value = "not finite" if proto["value"] is None else f"{proto['value']:10.3f}"
+            lines.append(f"perplexity  {label:<7}{value:>10}   ({proto['windows']} windows x {proto['seqlen']} tokens)")
     lines += _zero_shot_table(results)
     lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items()))
     return "\n".join(lines)
@@ -335,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     except ZprunerError as exc:
         print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk, not zpruner: full, read-only, removed under us
+        print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # outputs are written under temporary names that their writers remove on the way out
+        print(f"zpruner {args.command}: interrupted; finished outputs are kept, unfinished ones removed",
+              file=sys.stderr)
+        return 130
     print(format_summary(results))
     return 0
 

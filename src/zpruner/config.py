@@ -50,8 +50,74 @@ class Pattern:
 
 
 def check_sparsity(sparsity: float) -> None:
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
-        raise ZprunerError(f"sparsity {sparsity} is out of range; give a fraction in [0, 1), e.g. 0.5")
+    if not _is_number(sparsity) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ZprunerError(f"sparsity {sparsity!r} is out of range; give a fraction in [0, 1), e.g. 0.5")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _label(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def check_int(name: str, value, minimum: int | None = 1) -> None:
+    """``value`` is an integer (not a bool, not a string) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ZprunerError(f"{_label(name)} must be {bound}, got {value!r}")
+
+
+def check_float(name: str, value, minimum: float | None = None, strict: bool = False) -> None:
+    """``value`` is a finite number, >= ``minimum`` (> with ``strict``). NaN and infinity are
+    refused everywhere: one of them in a constant silently ruins every score."""
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ZprunerError(f"{_label(name)} must be a finite number{bound}, got {value!r}")
+
+
+def check_str(name: str, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ZprunerError(f"{_label(name)} must be a non-empty text, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ZprunerError(f"{_label(name)} must be true or false, got {value!r}")
+
+
+def check_clamp_pair(value) -> tuple[float, float]:
+    """EC's clamp range as a pair of finite numbers (the range rule is updates.check_clamp's)."""
+    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2 or not all(
+            _is_number(v) and math.isfinite(v) for v in value):
+        raise ZprunerError(f"{_label('ec_clamp')} must be two finite numbers LO,HI such as 0.8,1.25, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+# Each PruneConfig field alone (combinations are PruneConfig.__post_init__'s); the sweep
+# checks a grid's values with these before it builds any combination.
+PRUNE_FIELD_CHECKS = {
+    "method": check_str, "pattern": check_str, "group": check_str, "update": check_str, "calibration": check_str,
+    "nsamples": check_int, "seqlen": check_int, "blocksize": check_int, "calib_batch_size": check_int,
+    "seed": lambda n, v: check_int(n, v, minimum=None),
+    "reallocate": check_bool,
+    "ria_exponent": lambda n, v: check_float(n, v, 0.0),
+    "cvr_alpha": lambda n, v: check_float(n, v, 0.0),
+    "cvr_eps": lambda n, v: check_float(n, v, 0.0),
+    "damp": lambda n, v: check_float(n, v, 0.0, strict=True),
+    "ec_clamp": lambda n, v: check_clamp_pair(v),
+    "sparsity": lambda n, v: check_sparsity(v),
+}
+
+
+def check_prune_field(name: str, value) -> None:
+    """One PruneConfig field's type and range; None (the default) always passes."""
+    if value is not None and name in PRUNE_FIELD_CHECKS:
+        PRUNE_FIELD_CHECKS[name](name, value)
 
 
 @dataclass
@@ -95,9 +161,11 @@ class PruneConfig:
         from .scores import check_method
         from .updates import check_clamp, check_update
 
+        for f in dataclasses.fields(self):
+            check_prune_field(f.name, getattr(self, f.name))
         check_method(self.method)
         check_update(self.update)
-        self.ec_clamp = tuple(float(v) for v in self.ec_clamp)
+        self.ec_clamp = check_clamp_pair(self.ec_clamp)
         check_clamp(self.ec_clamp)
         if self.method == "sparsegpt":
             if self.update == "sparsegpt":
@@ -116,19 +184,12 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         check_sparsity(self.sparsity)
+        if self.calib_batch_size is None:
+            self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
         if self.group is not None and self.group not in GROUPS:
             raise ZprunerError(f"group '{self.group}' is unknown; choose one of {', '.join(GROUPS)}")
-        for name in ("nsamples", "seqlen", "blocksize", "calib_batch_size"):
-            if name == "calib_batch_size" and self.calib_batch_size is None:
-                self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
-            if getattr(self, name) < 1:
-                raise ZprunerError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.reallocate and (not pattern.is_nm or self.method == "sparsegpt"):
             raise ZprunerError("--reallocate needs an N:M --pattern and a score-based method (not sparsegpt)")
-        if not self.damp > 0:
-            raise ZprunerError(f"damp must be positive, got {self.damp}")
-        if self.cvr_eps < 0:
-            raise ZprunerError(f"cvr_eps must be >= 0, got {self.cvr_eps}")
 
     @property
     def uses_hessian(self) -> bool:
@@ -181,10 +242,12 @@ class EvalConfig:
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("seqlen", "windows", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ZprunerError(f"eval {name} must be a positive integer, got {value}")
+        check_str("eval_dataset", self.dataset)
+        if self.seqlen is not None:
+            check_int("eval_seqlen", self.seqlen, minimum=2)  # a window of one token predicts nothing
+        if self.windows is not None:
+            check_int("eval_windows", self.windows)
+        check_int("eval_batch_size", self.batch_size)
 
 
 @dataclass
@@ -200,11 +263,12 @@ class ZeroShotConfig:
     def __post_init__(self) -> None:
         from .zeroshot import parse_tasks  # late import, like PruneConfig's
 
+        if not isinstance(self.tasks, (str, list, tuple)):
+            raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {self.tasks!r}")
         self.tasks = list(parse_tasks(self.tasks))
-        for name in ("limit", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ZprunerError(f"zero-shot {name} must be a positive integer, got {value}")
+        if self.limit is not None:
+            check_int("limit", self.limit)
+        check_int("batch_size", self.batch_size)
 
 
 @dataclass
@@ -217,6 +281,9 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_str("model", self.name)
+        check_str("device", self.device)
+        check_bool("trust_remote_code", self.trust_remote_code)
         if self.dtype not in DTYPES:
             raise ZprunerError(f"dtype '{self.dtype}' is unknown; choose one of {', '.join(DTYPES)}")
 
@@ -234,6 +301,7 @@ class RunConfig:
     output_json: str | None = None
     zero_shot: ZeroShotConfig | None = None
     protocol: str | None = None  # the preset the options were expanded from (zpruner.protocols), for the record
+    overwrite: bool = False  # let ``save`` replace a previous zpruner output (never any other folder)
 
     def __post_init__(self) -> None:
         from .protocols import check_protocol

@@ -45,16 +45,28 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ZprunerError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                           "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as exc:
+        raise ZprunerError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def read_jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ZprunerError(f'{path}:{lineno} is not a JSON object with a "text" field') from None
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):  # only \n ends a JSON line
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ZprunerError(f'{path}:{lineno} is not a JSON object with a "text" field') from None
+        if not isinstance(text, str):
+            raise ZprunerError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__}')
+        texts.append(text)
     return texts
 
 
@@ -72,7 +84,7 @@ def load_texts(source: str, data_dir: str | os.PathLike | None = None) -> list[s
         if path.suffix == ".jsonl":
             return read_jsonl_texts(path)
         if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
+            return [_read_utf8(path)]
         raise ZprunerError(f"text file {path} must end in .txt or .jsonl")
     relative, hub_args, split = DATASETS[source]
     local = resolve_data_dir(data_dir)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .layers import find_blocks
+from .progress import bar
 
 Forward = Callable[..., "list[torch.Tensor] | None"]
 Visit = Callable[[int, nn.Module, Forward], None]
@@ -100,7 +100,7 @@ def capture_block_inputs(
     device = model_device(model)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in tqdm(samples.split(batch_size), desc="capture inputs", unit="batch", disable=not progress,
+        for batch in bar(samples.split(batch_size), desc="capture inputs", unit="batch", disable=not progress,
                           leave=False):
             try:
                 model(batch.to(device), use_cache=False)
@@ -129,7 +129,7 @@ def run_layerwise(
     model.eval()  # dropout off: block outputs must be the model's deterministic ones
     try:
         hidden, calls = capture_block_inputs(model, samples, progress, batch_size)
-        for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
+        for i, block in enumerate(bar(blocks, desc="blocks", unit="block", disable=not progress)):
             if visit is not None:
                 visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
             if last_outputs or i < len(blocks) - 1:

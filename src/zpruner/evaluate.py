@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .engine import model_device
 from .errors import ZprunerError
+from .progress import bar
 
 
 @dataclass
@@ -45,15 +45,15 @@ def perplexity(
     model.eval()
     nll, predicted = 0.0, 0
     try:
-        bar = tqdm(total=count, desc="perplexity", unit="window", disable=not progress, leave=False)
+        windows_bar = bar(total=count, desc="perplexity", unit="window", disable=not progress, leave=False)
         for batch in batches:
             batch = batch.to(device)
             logits = model(batch, use_cache=False).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             nll += loss.item()
             predicted += batch[:, 1:].numel()
-            bar.update(batch.shape[0])
-        bar.close()
+            windows_bar.update(batch.shape[0])
+        windows_bar.close()
     finally:
         model.train(was_training)
     return Perplexity(math.exp(nll / predicted), count, seqlen, predicted)

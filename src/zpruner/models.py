@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
@@ -46,8 +47,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ZprunerError(f"device '{device}' is not understood; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ZprunerError(f"device '{device}' was asked for but this torch sees no CUDA GPU; use --device cpu")
+    # meta and the like hold no data: a model "loaded" there cannot be pruned or measured
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+                "xpu": getattr(torch, "xpu", None)}
+    if resolved.type not in backends:
+        raise ZprunerError(f"device '{device}' cannot run a model; use auto, {', '.join(backends)} (e.g. cuda:1)")
+    backend = backends[resolved.type]
+    if backend is not None and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ZprunerError(f"device '{device}' was asked for but this torch sees no {resolved.type.upper()} device; "
+                           "use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ZprunerError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return resolved
 
 
@@ -60,7 +70,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zpruner").expanduser()
+    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zpruner").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ZprunerError(f"the cache {path} (${CACHE_ENV}) is a file; point ${CACHE_ENV} at a folder or unset it")
+    return path
 
 
 def alias_path(alias: str) -> Path:
@@ -97,11 +110,38 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+SOURCE_RECORD = "zpruner_source.json"
+
+
+def _cache_damage(target: Path) -> str | None:
+    """Why a converted copy in the cache cannot be used (None when it is intact): every file
+    recorded at conversion present with its size, every safetensors header whole."""
+    try:
+        record = json.loads((target / SOURCE_RECORD).read_text())
+        sizes = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{SOURCE_RECORD} is missing or unreadable"
+    for name, size in sizes.items():
+        path = target / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or has the wrong size"
+    try:
+        check_weight_files(target)
+    except ZprunerError as exc:
+        return str(exc)
+    return None
+
+
 def convert_gguf(path: Path) -> Path:
-    """The float32 safetensors copy of a GGUF file, made on first use (atomically)."""
+    """The float32 safetensors copy of a GGUF file, made on first use (atomically); a
+    damaged copy (a disk filled up, a file cut short) is noticed and made again."""
     target = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
-    if (target / "config.json").is_file():
-        return target
+    if target.exists():
+        damage = _cache_damage(target)
+        if damage is None:
+            return target
+        log.warning("the cached conversion %s is damaged (%s); converting again", target, damage)
+        shutil.rmtree(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors under %s (once)", path.name, target)
@@ -122,11 +162,12 @@ def convert_gguf(path: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "zpruner_source.json").write_text(json.dumps({"gguf": str(path)}) + "\n")
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path), "files": files}) + "\n")
         try:
             tmp.rename(target)
         except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
+            if _cache_damage(target) is not None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +178,7 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
     """(model in eval mode on its device, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(config.device)
     source = resolve_source(config.name)
     if isinstance(source, Path) and source.is_file():
         if source.suffix != ".gguf":
@@ -144,18 +186,52 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
         source = convert_gguf(source)
     elif isinstance(source, Path) and not (source / "config.json").is_file():
         raise ZprunerError(f"{source} has no config.json: give a transformers model directory, a .gguf or a hub id")
-    device = resolve_device(config.device)
+    elif isinstance(source, Path):
+        check_weight_files(source)
     dtype = resolve_dtype(config.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        # safetensors only: unpickling a checkpoint can run arbitrary code
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=config.trust_remote_code
+            source, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
         )
+    except SafetensorError as exc:
+        raise ZprunerError(f"the weights of model '{config.name}' are damaged ({exc}); download or save them again") from exc
     except (OSError, ValueError) as exc:  # missing files / unreachable hub; unknown architecture
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(source, Path):
-            hint = "a model directory needs config.json, weights and tokenizer files (as --save writes them)"
+        if "trust_remote_code" in str(exc):
+            hint = "this model runs its own code: add --trust-remote-code if you trust its author"
+        elif isinstance(source, Path):
+            hint = "a model directory needs config.json, safetensors weights and tokenizer files (as --save writes them)"
         else:
             hint = "offline, give a local directory or a .gguf file; HF_HUB_OFFLINE=1 skips the hub retries"
         raise ZprunerError(f"could not load model '{config.name}': {reason} ({hint})") from exc
+    check_finite(model)
     return model.to(device).eval(), tokenizer
+
+
+def check_weight_files(folder: Path) -> None:
+    """A local model folder must hold safetensors weights that are whole (header and length)."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickled:
+            raise ZprunerError(
+                f"{folder} holds pickled weights ({', '.join(pickled)}), which zpruner does not load (unpickling can "
+                "run code); convert them to safetensors: model.save_pretrained(folder, safe_serialization=True)")
+        raise ZprunerError(f"{folder} has no *.safetensors weights; give a folder as save_pretrained writes it")
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ZprunerError(f"weights file {path} is damaged or cut short ({exc}); download or save it again") from None
+
+
+def check_finite(model: nn.Module) -> None:
+    """NaN or infinity in a weight poisons every statistic and score downstream: name it now."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not torch.isfinite(param).all():
+                raise ZprunerError(f"weight {name} holds NaN or infinite values; the checkpoint is damaged "
+                                   "(or was saved from a diverged run): use an intact copy")

@@ -14,16 +14,20 @@ else.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .config import PruneConfig
 from .errors import ZprunerError
+from .io import check_output_folder, write_atomic
+
+log = logging.getLogger(__name__)
 
 METHOD_ORDER = ("magnitude", "wanda", "sparsegpt", "ria", "zpruner", "cvr")
 UPDATE_ORDER = ("none", "ec-col", "ec-row", "ec", "sparsegpt")
@@ -38,27 +42,63 @@ HINT = "pass the .jsonl written by 'zpruner sweep' or .json files written by 'zp
 
 # ---------------------------------------------------------------- loading
 
-def _parse(text: str, where: str) -> dict:
-    try:
-        result = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ZprunerError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); {HINT}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+def _check_result(result, where: str) -> dict:
+    """The parts of a result every table reads, checked once here so a hand-edited or
+    foreign file gets one line naming where, not a traceback from deep in a table."""
+    config = result.get("config") if isinstance(result, dict) else None
+    if not isinstance(config, dict):
         raise ZprunerError(f"{where} is not a zpruner result (no 'config' object); {HINT}")
+    model = config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ZprunerError(f"{where}: config.model.name is missing or not a text; {HINT}")
+    for part in ("prune", "eval", "zero_shot"):
+        if config.get(part) is not None and not isinstance(config[part], dict):
+            raise ZprunerError(f"{where}: config.{part} must be an object or null; {HINT}")
+    if config.get("prune") is not None:
+        try:
+            PruneConfig.from_dict(config["prune"])
+        except (ZprunerError, TypeError) as exc:
+            raise ZprunerError(f"{where}: config.prune is not a valid pruning configuration ({exc})") from None
+    for key in ("perplexity_protocol", "dense_perplexity_protocol"):
+        entry = result.get(key)
+        if entry is not None and not (isinstance(entry, dict) and (entry.get("value") is None or (
+                isinstance(entry.get("value"), (int, float)) and not isinstance(entry.get("value"), bool)))):
+            raise ZprunerError(f"{where}: {key}.value must be a number or null; {HINT}")
     return result
 
 
 def _load_file(path: Path) -> list[dict]:
+    """A .json file is one result; any other file one result per line. A line that is not
+    JSON (a run killed while appending) is skipped with a notice, as the sweep does."""
     if not path.is_file():
         raise ZprunerError(f"results file {path} does not exist or is not a file; {HINT}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ZprunerError(f"cannot read results file {path} ({e}); {HINT}") from None
     if path.suffix == ".json":
-        return [_parse(text, str(path))] if text.strip() else []
-    return [_parse(line, f"{path} line {number}")
-            for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if not text.strip():
+            return []
+        try:
+            return [_check_result(json.loads(text), str(path))]
+        except json.JSONDecodeError as e:
+            raise ZprunerError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); {HINT}") from None
+    results, broken = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            parsed = json.loads(line)
+        except json.JSONDecodeError:
+            broken.append(number)
+            continue
+        results.append(_check_result(parsed, f"{path} line {number}"))
+    if broken and not results:
+        raise ZprunerError(f"{path} line {broken[0]} is not valid JSON, nor is any other line; {HINT}")
+    if broken:
+        log.warning("%s: line %s is not valid JSON (cut short by a killed run?); skipped",
+                    path, ", ".join(map(str, broken)))
+    return results
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -642,18 +682,6 @@ def plot_ppl_vs_calibration(group: Group):
 
 # ---------------------------------------------------------------- writing
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    # a sibling name, so the rename stays on one file system; opened normally, so the umask applies
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
     """Write ``out_dir/report.md`` and its PNG plots; returns the written files, report.md first.
 
@@ -663,9 +691,16 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, tit
     results = dedupe([r for _, rs in per_file for r in rs])
     if not results:
         raise ZprunerError(f"no results in {', '.join(str(p) for p in paths) or '(no file given)'}; {HINT}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ZprunerError(f"--out {out} is an existing file; give a directory for the report")
+    out = check_output_folder("--out", out_dir)
+    try:
+        return _write_report(results, per_file, out, title)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # _check_result covers what the tables read; this names any remaining oddity in one line
+        raise ZprunerError(f"a result in {', '.join(str(p) for p in paths)} is not shaped as zpruner writes it "
+                           f"({type(exc).__name__}: {exc}); {HINT}") from exc
+
+
+def _write_report(results: list[dict], per_file: list, out: Path, title: str | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     groups, calibration = protocol_groups(results), calibration_groups(results)
     figures = {}
@@ -679,9 +714,9 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, tit
                 figures[kind, i] = (f"ppl_{'by' if kind == 'pattern' else 'vs'}_{kind}{suffix}.png", figure)
     written = []
     for name, figure in figures.values():
-        _write_atomic(out / name, lambda f, fig=figure: fig.savefig(f, format="png", dpi=120))
+        write_atomic(out / name, lambda f, fig=figure: fig.savefig(f, format="png", dpi=120))
         written.append(out / name)
     markdown = build_report(results, [(name, len(rs)) for name, rs in per_file],
                             {key: name for key, (name, _) in figures.items()}, title)
-    _write_atomic(out / "report.md", lambda f: f.write(markdown.encode()))
+    write_atomic(out / "report.md", lambda f: f.write(markdown.encode()))
     return [out / "report.md", *written]

@@ -6,12 +6,9 @@ leaves a half-written model or results file behind.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +21,8 @@ from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotCon
 from .data import calibration_windows, eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
+from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
+from .results import replace_non_finite
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .models import load_model
 from .pruning import prune
@@ -58,46 +57,19 @@ class Timer(dict):
 
 def check_output_paths(config: RunConfig) -> None:
     """Refuse before any work when an output could not be written at the end."""
-    for option, value in (("--output-json", config.output_json), ("--save", config.save)):
-        if value is None:
-            continue
-        parent = Path(value).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise ZprunerError(f"{option} {value}: folder {parent} does not exist; create it first")
-    if config.save is not None and Path(config.save).is_file():
-        raise ZprunerError(f"--save {config.save} is an existing file; --save takes a directory")
+    if config.output_json is not None:
+        check_output_file("--output-json", config.output_json)
+    if config.save is not None:
+        check_model_target(config.save, config.overwrite)
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    path = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool) -> None:
+    """save_pretrained (safetensors) and the tokenizer, swapped in when complete (zpruner.io)."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
-
-def save_model_atomic(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict) -> None:
-    """save_pretrained (safetensors) into a sibling temp folder, then swap it in."""
-    target = Path(directory).expanduser().resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    old = None
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "zpruner.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
-            target.rename(old)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    save_folder_atomic(directory, write, manifest, overwrite)
 
 
 def check_context(model: nn.Module, seqlen: int, option: str) -> None:
@@ -118,12 +90,22 @@ def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress:
     return {"value": result.value, "windows": result.windows, "seqlen": result.seqlen, "predicted_tokens": result.tokens}
 
 
-def _check_model(model: nn.Module, config: RunConfig) -> None:
+def _check_model(model: nn.Module, tokenizer, config: RunConfig) -> None:
+    if config.zero_shot is not None and tokenizer.eos_token_id is None:
+        raise ZprunerError(f"the tokenizer of '{config.model.name}' has no end-of-sequence token, which lm-eval "
+                           "needs for zero-shot tasks; set eos_token in its tokenizer_config.json or drop --tasks")
     if config.prune is not None:
         check_pattern(model, config.prune.parsed_pattern)
         check_context(model, config.prune.seqlen, "--seqlen")
     if config.eval is not None:
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
+
+
+def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:
+    """Before pruning: the evaluation text must hold one window."""
+    if tokens.shape[1] < seqlen:
+        raise ZprunerError(f"evaluation text '{dataset}' has {tokens.shape[1]} tokens, fewer than one window of "
+                           f"{seqlen}; lower --eval-seqlen or give a longer --eval-dataset")
 
 
 class Workspace:
@@ -220,7 +202,7 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         zero_shot_tasks = workspace.zero_shot_tasks(config.zero_shot)
     with timer.phase("load"):
         model, tokenizer = workspace.dense_model()
-    _check_model(model, config)
+    _check_model(model, tokenizer, config)
     calibration = None
     if config.prune is not None:
         with timer.phase("calibration"):
@@ -231,6 +213,7 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     if config.eval is not None:
         with timer.phase("eval"):
             tokens, digest = workspace.eval_tokens(config.eval.dataset)
+        check_eval_length(tokens, eval_seqlen(model, config.eval), config.eval.dataset)
 
     def measure(prefix: str) -> None:
         """Every requested measurement of the model as it is now, under keys starting with ``prefix``."""
@@ -256,8 +239,10 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         measure("")
     results["sparsity"] = measure_sparsity(model)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
+    replace_non_finite(results)
     if config.save is not None:
-        save_model_atomic(config.save, model, tokenizer, {"config": results["config"], "versions": results["versions"]})
+        save_model(config.save, model, tokenizer, {"config": results["config"], "versions": results["versions"]},
+                   config.overwrite)
     if config.output_json is not None:
         write_json_atomic(config.output_json, results)
     return results

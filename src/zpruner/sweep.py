@@ -26,9 +26,12 @@ from typing import Any
 
 import yaml
 
-from .config import EvalConfig, ModelConfig, Pattern, PruneConfig, RunConfig, ZeroShotConfig, check_sparsity
+from .config import (EvalConfig, ModelConfig, Pattern, PruneConfig, RunConfig, ZeroShotConfig, check_bool,
+                     check_int, check_prune_field, check_str)
 from .errors import ZprunerError
+from .io import check_output_file, dumps_json
 from .protocols import check_protocol, expand
+from .results import replace_non_finite
 from .scores import check_method
 from .updates import check_update
 
@@ -39,6 +42,29 @@ AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "s
 SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows", "eval_batch_size",
             "tasks", "limit", "batch_size", "dense", "dtype", "device", "group", "ria_exponent", "cvr_alpha",
             "cvr_eps", "ec_clamp", "blocksize", "damp", "calib_batch_size", "reallocate")
+
+
+# Grid list -> the PruneConfig field each value becomes.
+AXIS_FIELDS = {"methods": "method", "updates": "update", "patterns": "pattern", "sparsities": "sparsity",
+               "nsamples": "nsamples", "seeds": "seed"}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """A grid file's fixed setting: its type and range, as the option of the same name."""
+    if value is None:
+        return
+    if name in ("eval_seqlen",):
+        check_int(name, value, minimum=2)
+    elif name in ("eval_windows", "eval_batch_size", "limit", "batch_size"):
+        check_int(name, value)
+    elif name in ("dense",):
+        check_bool(name, value)
+    elif name in ("eval_dataset", "dtype", "device", "protocol"):
+        check_str(name, value)
+    elif name == "tasks":
+        ZeroShotConfig(value)
+    else:
+        check_prune_field(name, value)
 
 
 @dataclass
@@ -68,14 +94,21 @@ class Grid:
             raise ZprunerError(f"grid setting(s) {', '.join(sorted(unknown))} unknown; "
                                f"lists: {', '.join(AXES)}; settings: {', '.join(SETTINGS)}")
         check_protocol(self.settings.get("protocol"))
+        # Every value alone, before any combination: a wrong type or range stops the sweep
+        # with one line, and plan_grid's skipped list keeps only refused combinations.
+        for axis, field_name in AXIS_FIELDS.items():
+            for value in getattr(self, axis):
+                check_prune_field(field_name, value)
+        for model in self.models:
+            check_str("model", model)
         for method in self.methods:
-            check_method(str(method))
+            check_method(method)
         for update in self.updates:
-            check_update(str(update))
+            check_update(update)
         for text in self.patterns:
-            Pattern.parse(str(text))
-        for value in self.sparsities:
-            check_sparsity(value)
+            Pattern.parse(text)
+        for name, value in self.settings.items():
+            check_setting(name, value)
 
     def merged(self, overrides: dict[str, Any]) -> "Grid":
         """This grid with every non-None ``overrides`` value (command-line options) in place."""
@@ -120,7 +153,7 @@ def run_key(config: RunConfig | dict) -> str:
     live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
     lack newer fields: absent and None count the same)."""
     d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "protocol", "schema_version", "dense_baseline"):
+    for name in ("data_dir", "output_json", "save", "overwrite", "protocol", "schema_version", "dense_baseline"):
         d.pop(name, None)
     if d.get("prune") is not None:
         d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
@@ -167,7 +200,7 @@ def plan_grid(grid: Grid, data_dir: str | None = None) -> Plan:
     configs: dict[str, RunConfig] = {}
     skipped: list[str] = []
     for model_name in grid.models:
-        model = ModelConfig(str(model_name), s.get("dtype", "auto"), s.get("device", "auto"))
+        model = ModelConfig(model_name, s.get("dtype", "auto"), s.get("device", "auto"))
 
         def run_config(prune: PruneConfig | None, opts: dict) -> RunConfig:
             evaluation = EvalConfig(s.get("eval_dataset", "wikitext2"), opts["eval_seqlen"], opts["eval_windows"],
@@ -181,11 +214,11 @@ def plan_grid(grid: Grid, data_dir: str | None = None) -> Plan:
         for nsamples, seed, method, update, pattern in itertools.product(
                 grid.nsamples, grid.seeds, grid.methods, grid.updates, grid.patterns):
             opts = expand(protocol, {**base, "nsamples": nsamples})
-            nm = Pattern.parse(str(pattern)).is_nm
+            nm = Pattern.parse(pattern).is_nm
             for sparsity in [None] if nm else grid.sparsities:
                 try:
-                    prune = PruneConfig(str(method), sparsity, str(pattern), s.get("group"), opts["nsamples"],
-                                        opts["seqlen"], int(seed), s.get("calibration", "c4"), str(update),
+                    prune = PruneConfig(method, sparsity, pattern, s.get("group"), opts["nsamples"],
+                                        opts["seqlen"], seed, s.get("calibration", "c4"), update,
                                         bool(s.get("reallocate", False)), **_constants(s))
                 except ZprunerError as exc:  # each value alone was checked: a combination
                     label = f"{model_name} {method} update={update} {pattern}" + ("" if nm else f" {sparsity}")
@@ -222,7 +255,7 @@ def read_done(path: Path) -> set[str]:
 def append_line(path: Path, entry: dict) -> None:
     """One complete line per finished run, written with a single call under an exclusive
     lock, so sweeps sharing a results file never interleave or split lines."""
-    data = (json.dumps(entry) + "\n").encode()
+    data = (dumps_json(entry) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -251,6 +284,7 @@ def adopt(paths: list[str | os.PathLike], results: str | os.PathLike) -> list[st
         if key in done:
             continue
         done.add(key)
+        replace_non_finite(result)  # files written before zpruner refused NaN may hold one
         append_line(path, {"run_key": key, "protocol": result["config"].get("protocol"), "adopted_from": str(source),
                            **result})
         added.append(str(source))
@@ -283,9 +317,7 @@ def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bo
     """
     from .runner import Workspace, run  # torch-heavy
 
-    path = Path(results).expanduser()
-    if not path.parent.is_dir():
-        raise ZprunerError(f"results folder {path.parent} does not exist; create it first")
+    path = check_output_file("--results", results)
     done = read_done(path)
     todo = [c for c in configs if run_key(c) not in done]
     summary = SweepSummary(len(configs), len(configs) - len(todo), [], [])
