@@ -342,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("zpruner: %(message)s"))
+    handler.set_name("zpruner-cli")
     package_log = logging.getLogger("zpruner")
+    for old in [h for h in package_log.handlers if h.get_name() == "zpruner-cli"]:  # main() called again
+        package_log.removeHandler(old)
     package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     package_log.propagate = False

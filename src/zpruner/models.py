@@ -142,10 +142,12 @@ def convert_gguf(path: Path) -> Path:
             return target
         log.warning("the cached conversion %s is damaged (%s); converting again", target, damage)
         shutil.rmtree(target)
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors under %s (once)", path.name, target)
     try:
+        GGUFReader(path)  # header and tensor table only: a damaged file fails here, before the slow part
+        log.info("converting %s to safetensors under %s (once)", path.name, target)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # The GGUF readers fail on a damaged file with whatever their parsing hits first.

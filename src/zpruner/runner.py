@@ -22,10 +22,10 @@ from .data import calibration_windows, eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
 from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
-from .results import replace_non_finite
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .models import load_model
 from .pruning import prune
+from .results import replace_non_finite
 from .zeroshot import LoadedTasks, load_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def _check_model(model: nn.Module, tokenizer, config: RunConfig) -> None:
     if config.zero_shot is not None and tokenizer.eos_token_id is None:
         raise ZprunerError(f"the tokenizer of '{config.model.name}' has no end-of-sequence token, which lm-eval "
                            "needs for zero-shot tasks; set eos_token in its tokenizer_config.json or drop --tasks")
+    find_blocks(model)  # results count sparsity over the blocks, pruned or not
     if config.prune is not None:
         check_pattern(model, config.prune.parsed_pattern)
         check_context(model, config.prune.seqlen, "--seqlen")

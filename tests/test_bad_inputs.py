@@ -1,0 +1,361 @@
+"""Every bad input a user can give: one error line, exit code 2, nothing written, and no
+pruning started. The README's table of bad inputs is generated from these cases:
+
+    ZPRUNER_UPDATE_README=1 .venv/bin/python -m pytest tests/test_bad_inputs.py
+
+rewrites it; without the variable, a test fails when the README and the cases disagree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import zpruner.runner
+from zpruner.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    model: Path
+    data: Path
+
+    def quick(self, model: Path | str | None = None, *extra: str) -> list[str]:
+        return ["--model", str(model or self.model), "--data-dir", str(self.data), "--nsamples", "4",
+                "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", *extra]
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def model_copy(self, name: str) -> Path:
+        return Path(shutil.copytree(self.model, self.tmp / name))
+
+
+@dataclass
+class Case:
+    what: str  # the user's mistake, as the README shows it
+    argv: Callable[[Ctx], list[str]]
+    expect: str  # a fragment of the one error line
+    code: int = 2
+
+
+def _prune(*extra: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["prune", *c.quick(None, *extra)]
+
+
+def _file_option(option: str, name: str, content: str | bytes) -> Callable[[Ctx], list[str]]:
+    """prune with ``option`` naming a file of ``content``."""
+    return lambda c: ["prune", *c.quick(None, option, str(c.file(name, content)))]
+
+
+def _on_model(make: Callable[[Ctx], Path]) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["prune", *c.quick(make(c))]
+
+
+def _sweep_grid(toml: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["sweep", str(c.file("grid.toml", toml)), "--results", str(c.tmp / "r.jsonl"),
+                      "--data-dir", str(c.data)]
+
+
+def _truncated(c: Ctx) -> Path:
+    folder = c.model_copy("truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def _empty_weights(c: Ctx) -> Path:
+    folder = c.model_copy("empty-weights")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def _pickled(c: Ctx) -> Path:
+    folder = c.model_copy("pickled")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def _nan_weight(c: Ctx) -> Path:
+    folder = c.model_copy("nan-weight")
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _no_blocks(c: Ctx) -> Path:
+    folder = c.model_copy("no-blocks")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in load_file(folder / "model.safetensors").items() if ".layers." not in k}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _no_eos(c: Ctx) -> Path:
+    folder = c.model_copy("no-eos")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("eos_token", None)
+            data.pop("eos_token_id", None)
+            path.write_text(json.dumps(data))
+    return folder
+
+
+def _with_arc_easy(c: Ctx) -> Path:
+    """The data directory plus one arc_easy item in the local layout of shared/data."""
+    data = Path(shutil.copytree(c.data, c.tmp / "data"))
+    item = {"query": "Question: which is a river?", "choices": ["the Nile", "a king"], "gold": 0}
+    c.file("data/tasks/arc_easy/arc_easy.jsonl", json.dumps(item) + "\n")
+    return data
+
+
+def _custom_code(c: Ctx) -> Path:
+    """A model whose config maps to Python files of its own (nothing here runs them)."""
+    folder = c.model_copy("custom-code")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mything", architectures=["MyModel"],
+                  auto_map={"AutoConfig": "configuration_mything.MyConfig",
+                            "AutoModelForCausalLM": "modeling_mything.MyModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_mything.py").write_text("raise SystemExit('custom code ran')\n")
+    (folder / "modeling_mything.py").write_text("raise SystemExit('custom code ran')\n")
+    return folder
+
+
+def _previous_output(c: Ctx) -> Path:
+    folder = c.tmp / "previous"
+    folder.mkdir()
+    (folder / "zpruner.json").write_text("{}\n")
+    (folder / "model.safetensors").write_bytes(b"old model")
+    return folder
+
+
+def _thesis(c: Ctx) -> Path:
+    c.file("precious/thesis.tex", "x\n")
+    return c.tmp / "precious"
+
+
+def _results_line(c: Ctx, prune: dict) -> Path:
+    line = {"config": {"model": {"name": "m"}, "prune": prune, "eval": {"dataset": "wikitext2"}},
+            "perplexity_protocol": {"value": 3.0, "windows": 1, "seqlen": 8}}
+    return c.file("hostile.jsonl", json.dumps(line) + "\n")
+
+
+LATIN1 = "caf\xe9 ".encode("latin-1") * 400
+
+CASES = [
+    # where the pruned model and the results go
+    Case("`--save` onto a folder holding other files", lambda c: ["prune", *c.quick(), "--save", str(_thesis(c))],
+         "zpruner never replaces it"),
+    Case("`--save` onto a previous zpruner model, without `--overwrite`",
+         lambda c: ["prune", *c.quick(), "--save", str(_previous_output(c))], "add --overwrite"),
+    Case("`--save \"\"` (an unset shell variable)", _prune("--save", ""), "--save is empty"),
+    Case("`--save` onto an existing file", lambda c: ["prune", *c.quick(), "--save", str(c.file("f.bin", "x"))],
+         "is an existing file"),
+    Case("`--save` into a folder that does not exist", lambda c: ["prune", *c.quick(), "--save",
+                                                                  str(c.tmp / "no" / "such" / "dir")],
+         "does not exist; create it first"),
+    Case("`--output-json` pointing at a folder", lambda c: ["prune", *c.quick(), "--output-json", str(c.tmp)],
+         "is a folder"),
+    Case("`--output-json \"\"`", _prune("--output-json", ""), "--output-json is empty"),
+    Case("`--output-json` into a folder that does not exist",
+         lambda c: ["prune", *c.quick(), "--output-json", str(c.tmp / "nope" / "r.json")], "does not exist"),
+    Case("`sweep --results` pointing at a folder", lambda c: ["sweep", "--results", str(c.tmp), "--models",
+                                                              str(c.model)], "is a folder"),
+    Case("`report --out` onto an existing file",
+         lambda c: ["report", str(_results_line(c, None)), "--out", str(c.file("taken", "x"))], "is an existing file"),
+    # numbers
+    Case("`--cvr-alpha nan`", _prune("--method", "cvr", "--cvr-alpha", "nan"), "not a finite number"),
+    Case("`--ria-exponent nan`", _prune("--method", "ria", "--ria-exponent", "nan"), "not a finite number"),
+    Case("`--cvr-eps nan`", _prune("--method", "cvr", "--cvr-eps", "nan"), "not a finite number"),
+    Case("`--cvr-alpha -1`", _prune("--method", "cvr", "--cvr-alpha", "-1"), "must be a finite number >= 0"),
+    Case("`--damp inf`", _prune("--method", "sparsegpt", "--damp", "inf"), "not a finite number"),
+    Case("`--damp 0`", _prune("--method", "sparsegpt", "--damp", "0"), "must be a finite number > 0"),
+    Case("`--sparsity 1.5`", _prune("--sparsity", "1.5"), "sparsity 1.5 is out of range"),
+    Case("`--sparsity -0.1`", _prune("--sparsity", "-0.1"), "sparsity -0.1 is out of range"),
+    Case("`--sparsity nan`", _prune("--sparsity", "nan"), "not a finite number"),
+    Case("`--ec-clamp 2`", _prune("--update", "ec", "--ec-clamp", "2"), "is not a range LO,HI"),
+    Case("`--ec-clamp nan,2`", _prune("--update", "ec", "--ec-clamp", "nan,2"), "is not a range LO,HI"),
+    Case("`--ec-clamp 1.2,2`", _prune("--update", "ec", "--ec-clamp", "1.2,2"), "must contain 1"),
+    Case("`--eval-seqlen 1`", _prune("--eval-seqlen", "1"), "a window of 1 token predicts nothing"),
+    Case("`--nsamples 0`", _prune("--nsamples", "0"), "not a positive integer"),
+    Case("`--seqlen 100000` (longer than the model's context)", _prune("--seqlen", "100000"),
+         "exceeds the model's context"),
+    # method choices
+    Case("`--method obs`", _prune("--method", "obs"), "method 'obs' is unknown"),
+    Case("`--update obs`", _prune("--update", "obs"), "invalid choice: 'obs'"),
+    Case("`--pattern 3:2`", _prune("--pattern", "3:2"), "pattern 3:2 is invalid"),
+    Case("`--pattern 2:5` on a model whose layer widths are not multiples of 5", _prune("--pattern", "2:5"), "divisible by 5"),
+    Case("`--pattern 2:4 --sparsity 0.6`", _prune("--pattern", "2:4", "--sparsity", "0.6"), "fixes sparsity at 0.5"),
+    Case("`--method sparsegpt --update sparsegpt`", _prune("--method", "sparsegpt", "--update", "sparsegpt"),
+         "already reconstructs"),
+    Case("`--reallocate` without an N:M pattern", _prune("--reallocate"), "--reallocate needs an N:M --pattern"),
+    Case("`--limit` without `--tasks`", _prune("--limit", "10"), "add --tasks"),
+    Case("`--tasks bogus`", _prune("--tasks", "bogus"), "task 'bogus' is unknown"),
+    # models
+    Case("`--model` path that does not exist", lambda c: ["prune", *c.quick(c.tmp / "nope")], "does not exist"),
+    Case("`--model` folder without config.json", lambda c: ["prune", *c.quick(c.file("empty/x", "").parent)],
+         "has no config.json"),
+    Case("a truncated model.safetensors", _on_model(_truncated), "is damaged or cut short"),
+    Case("an empty model.safetensors", _on_model(_empty_weights), "is damaged or cut short"),
+    Case("pickled weights only (pytorch_model.bin)", _on_model(_pickled), "holds pickled weights"),
+    Case("NaN in a weight", _on_model(_nan_weight), "weight model.layers.1.mlp.up_proj.weight holds NaN"),
+    Case("a model without repeated decoder blocks", _on_model(_no_blocks), "found no repeated decoder blocks"),
+    Case("zero-shot `--tasks` with a tokenizer that has no eos token",
+         lambda c: ["prune", *c.quick(_no_eos(c)), "--tasks", "arc_easy", "--data-dir", str(_with_arc_easy(c))],
+         "no end-of-sequence token"),
+    Case("a model with its own code, without `--trust-remote-code`", _on_model(_custom_code),
+         "add --trust-remote-code if you trust its author"),
+    Case("a damaged .gguf file", lambda c: ["prune", *c.quick(c.file("broken.gguf", b"GGUF\x03\x00garbage"))],
+         "not a readable GGUF model"),
+    Case("`--device meta`", _prune("--device", "meta"), "device 'meta' cannot run a model"),
+    Case("`--device tpu-please`", _prune("--device", "tpu-please"), "is not understood"),
+    # text
+    Case("non-UTF-8 `--calibration` text", _file_option("--calibration", "l.txt", LATIN1),
+         "is not UTF-8 text"),
+    Case("non-UTF-8 `--eval-dataset` text", _file_option("--eval-dataset", "l.txt", LATIN1),
+         "is not UTF-8 text"),
+    Case("a JSONL line whose \"text\" is a number",
+         _file_option("--calibration", "n.jsonl", '{"text": 5}\n'),
+         '"text" must be a string'),
+    Case("a JSONL line whose \"text\" is null",
+         _file_option("--calibration", "n.jsonl", '{"text": null}\n'),
+         '"text" must be a string'),
+    Case("a JSONL line that is not JSON", _file_option("--calibration", "b.jsonl", "{oops\n"),
+         'is not a JSON object with a "text" field'),
+    Case("`--calibration` file that does not exist", _prune("--calibration", "nope.txt"), "nor an existing file"),
+    Case("`--calibration` file that is neither .txt nor .jsonl",
+         _file_option("--calibration", "c.csv", "a,b"), "must end in .txt or .jsonl"),
+    Case("calibration text shorter than `--seqlen`",
+         _file_option("--calibration", "short.txt", "far too short"),
+         "calibration text too short"),
+    Case("evaluation text shorter than one window",
+         _file_option("--eval-dataset", "short.txt", "far too short"),
+         "fewer than one window"),
+    Case("`--data-dir` that does not exist", lambda c: ["prune", *c.quick(), "--data-dir", str(c.tmp / "nope")],
+         "data directory"),
+    Case("`ZPRUNER_CACHE` pointing at a file (with a .gguf model)",
+         lambda c: [f"env:ZPRUNER_CACHE={c.file('cachefile', 'x')}", "prune",
+                    *c.quick(c.file("m.gguf", b"GGUF\x03\x00garbage"))], "is a file; point $ZPRUNER_CACHE"),
+    # sweep grids
+    Case("grid `seeds = [\"x\"]`", _sweep_grid('seeds = ["x"]\n'), "seed (--seed) must be an integer"),
+    Case("grid `nsamples = [\"x\"]`", _sweep_grid('nsamples = ["x"]\n'), "nsamples (--nsamples) must be an integer"),
+    Case("grid `seqlen = \"abc\"`", _sweep_grid('seqlen = "abc"\n'), "seqlen (--seqlen) must be an integer"),
+    Case("grid `ec_clamp = 5`", _sweep_grid("ec_clamp = 5\n"), "must be two finite numbers LO,HI"),
+    Case("grid `sparsities = [1.5]`", _sweep_grid("sparsities = [1.5]\n"), "sparsity 1.5 is out of range"),
+    Case("grid `methods = [3]`", _sweep_grid("methods = [3]\n"), "method (--method) must be a non-empty text"),
+    Case("grid with an unknown setting", _sweep_grid("colour = 'red'\n"), "unknown"),
+    Case("grid file that is not valid TOML", _sweep_grid("seeds = [\n"), "is not valid TOML"),
+    # report
+    Case("`report` on a file that does not exist", lambda c: ["report", str(c.tmp / "none.jsonl")], "does not exist"),
+    Case("`report` on a file with no JSON line", lambda c: ["report", str(c.file("x.jsonl", "a\nb\n"))],
+         "nor is any other line"),
+    Case("`report` on a result whose sparsity is text",
+         lambda c: ["report", str(_results_line(c, {"method": "wanda", "sparsity": "half"}))],
+         "not a valid pruning configuration"),
+    Case("Ctrl-C during pruning", _prune(), "interrupted; finished outputs are kept", code=130),
+]
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _never_prune(*args, **kwargs):
+    raise AssertionError("pruning started although the input was bad")
+
+
+def run_case(case: Case, ctx: Ctx, capsys, monkeypatch) -> tuple[int, str]:
+    """(exit code, the stderr text) of ``case``, with pruning made to fail the test if it starts."""
+    monkeypatch.chdir(ctx.tmp)
+    monkeypatch.setenv("ZPRUNER_CACHE", str(ctx.tmp / "cache"))
+    argv = case.argv(ctx)
+    while argv[0].startswith("env:"):
+        name, value = argv.pop(0)[4:].split("=", 1)
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(zpruner.runner, "prune", _interrupt if case.code == 130 else _never_prune)
+    before = sorted(p.relative_to(ctx.tmp) for p in ctx.tmp.rglob("*"))
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    after = sorted(p.relative_to(ctx.tmp) for p in ctx.tmp.rglob("*") if not p.is_relative_to(ctx.tmp / "cache"))
+    created = [str(p) for p in after if p not in before and not (ctx.tmp / p).is_relative_to(ctx.tmp / "cache")]
+    assert not created, f"{case.what}: wrote {created}"
+    return code, err
+
+
+def _normalise(text: str, ctx: Ctx) -> str:
+    for path, name in ((ctx.tmp, "<tmp>"), (ctx.model, "<model>"), (ctx.data, "<data>")):
+        text = text.replace(str(path), name)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_model_dir, tiny_data_dir):
+    work = tmp_path / "work"
+    work.mkdir()
+    return Ctx(work, tiny_model_dir("llama"), tiny_data_dir)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_gets_one_line_and_its_exit_code(case, ctx, capsys, monkeypatch):
+    code, err = run_case(case, ctx, capsys, monkeypatch)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == case.code, err
+    assert len(lines) == 1 and case.expect in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_the_precious_folder_is_untouched(ctx, capsys, monkeypatch):
+    code, _ = run_case(CASES[0], ctx, capsys, monkeypatch)
+    assert code == 2
+    assert (ctx.tmp / "precious" / "thesis.tex").read_text() == "x\n"
+
+
+def test_readme_table_is_generated_from_these_cases(tmp_path, tiny_model_dir, tiny_data_dir, capsys, monkeypatch):
+    rows = ["| the input | exit | what zpruner says |", "|---|---:|---|"]
+    for i, case in enumerate(CASES):
+        work = tmp_path / f"case{i}"
+        work.mkdir()
+        ctx = Ctx(work, tiny_model_dir("llama"), tiny_data_dir)
+        with monkeypatch.context() as m:
+            code, err = run_case(case, ctx, capsys, m)
+        message = _normalise(err, ctx).replace("|", "\\|")
+        rows.append(f"| {case.what} | {code} | `{message}` |")
+    table = "\n".join(rows)
+    text = README.read_text()
+    if START not in text or END not in text:
+        pytest.fail(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    generated = f"{head}{START}\n{table}\n{END}{tail}"
+    if os.environ.get("ZPRUNER_UPDATE_README"):
+        README.write_text(generated)
+        text = generated
+    assert text == generated, ("README's bad-input table differs from the cases; regenerate it with "
+                               "ZPRUNER_UPDATE_README=1 .venv/bin/python -m pytest tests/test_bad_inputs.py")
+    assert len(CASES) >= 40
