@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from zpruner.cli import main
+from zpruner.errors import ZprunerError
 from zpruner.executors import RayExecutor, SweepWorker
-from zpruner.sweep import plan, run_sweep
+from zpruner.sweep import Grid, plan, run_sweep
 
 from test_sweep import lines, sweep_args
 
@@ -102,8 +103,6 @@ def dying_worker(marker_dir: Path):
 
 
 def test_a_dead_worker_is_replaced_and_its_run_retried_once(tmp_path, ray_instance, tiny_model_dir, tiny_data_dir):
-    from zpruner.sweep import Grid
-
     grid = Grid(models=[str(tiny_model_dir("llama"))], methods=["magnitude"], patterns=["unstructured", "2:4"],
                 settings={"seqlen": 32, "eval_seqlen": 32, "eval_windows": 4, "dense": False})
     configs = plan(grid, str(tiny_data_dir)).configs
@@ -128,3 +127,28 @@ def test_ray_executor_without_ray_is_one_clear_error(capsys, monkeypatch, tmp_pa
 def test_ray_options_without_the_ray_executor_are_refused(capsys, tmp_path):
     assert main(["sweep", "--results", str(tmp_path / "r.jsonl"), "--ray-address", "auto", "--dry-run"]) == 2
     assert "--ray-address: options of --executor ray" in capsys.readouterr().err
+
+
+def test_a_run_the_cluster_cannot_hold_is_refused_before_waiting(capsys, tmp_path, ray_instance, tiny_model_dir,
+                                                                 tiny_data_dir):
+    results = tmp_path / "r.jsonl"
+    # The module's Ray instance has 2 CPUs and no GPU: Ray itself would queue such a worker forever.
+    argv = sweep_args(tiny_model_dir("llama"), tiny_data_dir, results, "--executor", "ray", "--gpus-per-run", "1")
+    assert main(argv) == 2
+    assert "cannot hold a run of 1 CPUs and 1 GPUs" in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_a_worker_that_cannot_start_stops_the_sweep_with_the_reason(tmp_path, ray_instance, tiny_model_dir,
+                                                                    tiny_data_dir):
+    class UnstartableWorker(SweepWorker):  # as on a node whose environment lacks zpruner
+        def __init__(self, cwd, threads):
+            raise ModuleNotFoundError("No module named 'zpruner'")
+
+    model = str(tiny_model_dir("llama"))
+    configs = plan(Grid(models=[model], methods=["magnitude"], settings={"eval_windows": 2, "dense": False}),
+                   str(tiny_data_dir)).configs
+    with pytest.raises(ZprunerError, match="could not start .*No module named 'zpruner'.*every node needs zpruner"):
+        run_sweep(configs, tmp_path / "r.jsonl", progress=False, echo=lambda line: None,
+                  executor=RayExecutor(worker=UnstartableWorker))
+    assert not (tmp_path / "r.jsonl").exists()

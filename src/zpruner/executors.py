@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import __version__
 from .config import RunConfig
 from .errors import ZprunerError
 
@@ -122,22 +123,28 @@ class RayExecutor:
         """Connect to Ray; True when this call started the instance (and so must stop it)."""
         if self.ray.is_initialized():
             return False
+        local = self.address in (None, "local")
         try:
-            self.ray.init(address=self.address or "local", include_dashboard=False)
+            if local:  # a sweep has no use for the dashboard
+                self.ray.init(address="local", include_dashboard=False)
+            else:  # an existing cluster keeps its own settings
+                self.ray.init(address=self.address)
         except ConnectionError as exc:
             raise ZprunerError(f"--ray-address {self.address}: cannot connect to a Ray cluster ({exc}); "
                                "start one with 'ray start --head', or leave the option out to start Ray "
                                "on this machine") from None
-        return self.address in (None, "local")
+        return local
 
     def _pool_size(self, gpus: float, todo: int) -> int:
+        """Workers to start: as many runs as the cluster's resources hold at once, at most one
+        per run. (Resources split across nodes may hold fewer: the extra workers then wait.)"""
         total = self.ray.cluster_resources()
-        fits = [math.floor(total.get("CPU", 0) / self.cpus)] + ([math.floor(total.get("GPU", 0) / gpus)] if gpus else [])
-        if min(fits) < 1:
-            raise ZprunerError(f"no node of this Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} "
-                               f"GPUs in all) can hold a run of {self.cpus:g} CPUs and {gpus:g} GPUs; lower "
-                               "--cpus-per-run / --gpus-per-run")
-        return min(min(fits), todo)
+        cpus, gpus_total = total.get("CPU", 0), total.get("GPU", 0)
+        fits = min(math.floor(cpus / self.cpus), math.floor(gpus_total / gpus) if gpus else math.inf)
+        if fits < 1:  # Ray would wait forever for resources that are not there
+            raise ZprunerError(f"this Ray cluster ({cpus:g} CPUs, {gpus_total:g} GPUs) cannot hold a run of "
+                               f"{self.cpus:g} CPUs and {gpus:g} GPUs; lower --cpus-per-run / --gpus-per-run")
+        return min(fits, todo)
 
     def _worker_factory(self, gpus: float) -> Callable[[], object]:
         env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
@@ -195,6 +202,10 @@ class RayExecutor:
                                   else f"{type(cause).__name__}: {cause}")
                     continue
                 except ray.exceptions.RayActorError as exc:  # the worker died (OOM killer, lost node, crash)
+                    if getattr(exc, "actor_init_failed", False):  # it never started: so will none on that node
+                        detail = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+                        raise ZprunerError(f"a Ray worker could not start ({detail}); every node needs zpruner "
+                                           f"{__version__} installed in the environment Ray runs") from None
                     ray.kill(slots[index][0])
                     slots[index] = [None, None]  # a new one when there is work for it
                     deaths[id(config)] = deaths.get(id(config), 0) + 1
