@@ -220,6 +220,48 @@ def _add_sweep_parser(sub) -> None:
                         "so their configurations are not run again (not with --dry-run)")
     f.add_argument("--data-dir", help="local data folder (default: $ZPRUNER_DATA_DIR, else the hub)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    x = w.add_argument_group("where the runs execute")
+    x.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one after another in this process; ray: as tasks on a Ray cluster, several at "
+                        "once (pip install 'zpruner[ray]'). Default: %(default)s")
+    x.add_argument("--ray-address", metavar="ADDR",
+                   help="with --executor ray: 'auto' joins the cluster this machine belongs to, HOST:PORT or "
+                        "ray://HOST:PORT a given one; default: start Ray on this machine for the sweep")
+    x.add_argument("--cpus-per-run", type=_positive_float, metavar="N",
+                   help="with --executor ray: CPUs (and torch threads) reserved per run; default: 1")
+    x.add_argument("--gpus-per-run", type=_non_negative_float, metavar="N",
+                   help="with --executor ray: GPUs reserved per run (fractions share one); "
+                        "default: 1 if the cluster has GPUs, else 0")
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not above 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
+def executor_from_args(args: argparse.Namespace):
+    """The executor the options ask for; checked (Ray installed) before anything is written."""
+    if args.executor == "local":
+        given = [name for name in ("ray_address", "cpus_per_run", "gpus_per_run") if getattr(args, name) is not None]
+        if given:
+            raise ZprunerError(", ".join("--" + name.replace("_", "-") for name in given)
+                               + ": options of --executor ray; add --executor ray or drop them")
+        return None
+    from .executors import RayExecutor
+
+    return RayExecutor(args.ray_address, args.cpus_per_run or 1, args.gpus_per_run)
 
 
 def grid_from_args(args: argparse.Namespace):
@@ -244,6 +286,7 @@ def sweep_main(args: argparse.Namespace) -> int:
 
     check_output_file("--results", args.results)
     planned = plan(grid_from_args(args), args.data_dir)  # a bad grid stops here, before anything is written
+    executor = executor_from_args(args)  # so does --executor ray without Ray
     for line in planned.skipped:
         print(f"skipped (not a valid combination): {line}")
     if args.adopt and not args.dry_run:
@@ -255,7 +298,7 @@ def sweep_main(args: argparse.Namespace) -> int:
             key = run_key(config)
             print(f"{key}  {'done ' if key in done else 'to run'}  {describe_run(config)}")
         return 0
-    summary = run_sweep(planned.configs, args.results, not args.quiet)
+    summary = run_sweep(planned.configs, args.results, not args.quiet, executor=executor)
     print(f"sweep: ran {len(summary.ran)}, skipped {summary.already_done} already in {args.results}, "
           f"failed {len(summary.failed)}")
     for line in summary.failed:

@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -309,39 +308,47 @@ class SweepSummary:
 
 
 def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bool = True,
-              echo: Callable[[str], None] = print) -> SweepSummary:
+              echo: Callable[[str], None] = print, executor=None) -> SweepSummary:
     """Run every configuration whose key is not yet in ``results``, appending a line each.
 
-    A run that fails with a ZprunerError is reported and the sweep goes on; it writes
-    nothing, so the next sweep tries it again.
+    ``executor`` runs them (zpruner.executors; default: here, one after another). A run that
+    fails is reported and the sweep goes on; it writes nothing, so the next sweep tries it
+    again. Lines are written here, in this process, whatever ran them.
     """
-    from .runner import Workspace, run  # torch-heavy
+    from tqdm.auto import tqdm
+
+    from .executors import LocalExecutor
+    from .progress import bar as progress_bar
 
     path = check_output_file("--results", results)
     done = read_done(path)
-    todo = [c for c in configs if run_key(c) not in done]
+    todo = sorted((c for c in configs if run_key(c) not in done), key=lambda c: c.model.name)  # dense first per model
     summary = SweepSummary(len(configs), len(configs) - len(todo), [], [])
     echo(f"sweep: {len(configs)} configurations, {summary.already_done} already in {path}, {len(todo)} to run")
-    workspace = None
-    for i, config in enumerate(sorted(todo, key=lambda c: c.model.name), 1):  # stable: dense first per model
-        key = run_key(config)
-        if key in read_done(path):  # another sweep on the same file finished it meanwhile
-            continue
-        if workspace is None or workspace.model_config != config.model:
-            workspace = Workspace(config.model, config.data_dir, keep_dense=True)
-        start = time.perf_counter()
-        try:
-            result = run(config, progress, workspace)
-        except ZprunerError as exc:
-            summary.failed.append(f"{describe(config)}: {exc}")
-            echo(f"[{i}/{len(todo)}] {describe(config)}: failed: {exc}")
-            continue
-        append_line(path, {"run_key": key, "protocol": config.protocol, **result})
-        summary.ran.append(describe(config))
-        ppl = result.get("perplexity_protocol", {}).get("value")
-        zs = result.get("zero_shot", {}).get("average")
-        echo(f"[{i}/{len(todo)}] {describe(config)}"
-             + (f"  ppl {ppl:.3f}" if ppl is not None else "")
-             + (f"  zero-shot avg {zs:.4f}" if zs is not None else "")
-             + f"  ({time.perf_counter() - start:.0f} s)")
+
+    def still_todo(config: RunConfig) -> bool:  # another sweep on the same file may have finished it meanwhile
+        return run_key(config) not in read_done(path)
+
+    executor = executor if executor is not None else LocalExecutor()
+    with progress_bar(total=len(todo), desc="sweep", unit="run", disable=not progress or not todo) as bar:
+        for i, outcome in enumerate(executor.map(todo, progress, still_todo), 1):
+            bar.update()
+            if outcome.skipped:
+                continue
+            config, key = outcome.config, run_key(outcome.config)
+            if outcome.error is not None:
+                summary.failed.append(f"{describe(config)}: {outcome.error}")
+                line = f"[{i}/{len(todo)}] {key} {describe(config)}: failed: {outcome.error}"
+            else:
+                result = outcome.result
+                append_line(path, {"run_key": key, "protocol": config.protocol, **result})
+                summary.ran.append(describe(config))
+                ppl = result.get("perplexity_protocol", {}).get("value")
+                zs = result.get("zero_shot", {}).get("average")
+                line = (f"[{i}/{len(todo)}] {key} {describe(config)}"
+                        + (f"  ppl {ppl:.3f}" if ppl is not None else "")
+                        + (f"  zero-shot avg {zs:.4f}" if zs is not None else "")
+                        + f"  ({outcome.seconds:.0f} s)")
+            with tqdm.external_write_mode():  # the line above the bar, not through it
+                echo(line)
     return summary
