@@ -20,6 +20,7 @@ from .rowpass import map_chunks, one_cpu_thread
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RAISES = 6
+SUB_BLOCK = 16  # columns per rank-1-update sub-block inside a block (see _solve_block)
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -110,19 +111,30 @@ def _solve_block(
         keep[:, i1:i2] = _block_keep(W[:, i1:i2], U1.diagonal(), n_pruned(sparsity, d_out * i1),
                                      n_pruned(sparsity, d_out * i2))
 
+    # Inside the block the same lazy batching once more: rank-1 updates only within
+    # sub-blocks of SUB_BLOCK columns, then one product for the rest of the block. Every
+    # column still receives every earlier column's update before it is read (N:M groups
+    # lie within a sub-block), so only the float32 summation order changes.
+    sub = pattern.m * max(1, SUB_BLOCK // pattern.m) if pattern.is_nm else SUB_BLOCK
+
     def rows_of_block(r: slice, _scratch) -> None:
         W1, keep1 = W[r, i1:i2].clone(), keep[r, i1:i2]
         err1 = torch.zeros_like(W1)
-        for j in range(i2 - i1):
-            if choose and pattern.is_nm and j % pattern.m == 0:
-                group = slice(j, j + pattern.m)
-                saliency = W1[:, group].square() / U1.diagonal()[group].square()[None, :]
-                keep1[:, group] = drop_lowest(saliency, pattern.n)
-            w, dj = W1[:, j], U1[j, j]
-            err = (w - w * keep1[:, j]) / dj
-            W1[:, j:].addr_(err, U1[j, j:], alpha=-1)  # −= err ⊗ U1[j, j:], without the outer product's temporary
-            err1[:, j] = err
+        width = i2 - i1
+        for s1 in range(0, width, sub):
+            s2 = min(s1 + sub, width)
+            for j in range(s1, s2):
+                if choose and pattern.is_nm and j % pattern.m == 0:
+                    group = slice(j, j + pattern.m)
+                    saliency = W1[:, group].square() / U1.diagonal()[group].square()[None, :]
+                    keep1[:, group] = drop_lowest(saliency, pattern.n)
+                w, dj = W1[:, j], U1[j, j]
+                err = (w - w * keep1[:, j]) / dj
+                W1[:, j:s2].addr_(err, U1[j, j:s2], alpha=-1)  # −= err ⊗ U1[j, j:s2], no temporary
+                err1[:, j] = err
+            if s2 < width:
+                W1[:, s2:].addmm_(err1[:, s1:s2], U1[s1:s2, s2:], alpha=-1)
         W[r, i1:i2] = W1 * keep1
-        W[r, i2:] -= err1 @ U[i1:i2, i2:]
+        W[r, i2:].addmm_(err1, U[i1:i2, i2:], alpha=-1)
 
     map_chunks(rows_of_block, W, buffers=0, rows=rows, workers=workers)

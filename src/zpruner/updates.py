@@ -85,23 +85,27 @@ def energy_compensate_(
         def part(rows: slice, scratch: Scratch) -> torch.Tensor:
             d = torch.sub(W0[rows], mu, out=scratch.get(0, rows.stop - rows.start))
             kept = mask_as_float(keep[rows], scratch.get(1, d.shape[0]))
-            if fresh:  # (W − μ)·keep with W = W0·keep is (W0 − μ)·keep
-                dk = torch.mul(d, kept, out=scratch.get(2, d.shape[0]))
-            else:
-                dk = torch.addcmul(W[rows], kept, mu, value=-1, out=scratch.get(2, d.shape[0]))
+            if fresh:  # ((W0·keep − μ)·keep)² = (W0 − μ)²·keep: reuse the squares of E0
+                e0 = d.square_().sum(dim=0, keepdim=True)
+                return torch.cat([e0, kept.mul_(d).sum(dim=0, keepdim=True)])
+            dk = torch.addcmul(W[rows], kept, mu, value=-1, out=scratch.get(2, d.shape[0]))
             return torch.cat([d.square_().sum(dim=0, keepdim=True), dk.square_().sum(dim=0, keepdim=True)])
         return part
 
+    def column_rescaled(rows: slice, kept: torch.Tensor) -> torch.Tensor:
+        """W's rows after the pending column rescale, the mask re-applied."""
+        gamma, offset = pending
+        if fresh:  # (W0·γ + (1 − γ)·μ)·keep, straight from W0
+            return torch.addcmul(offset, W0[rows], gamma, out=W[rows]).mul_(kept)
+        return W[rows].mul_(gamma).addcmul_(kept, offset)
+
     def column_rescale(rows: slice, scratch: Scratch) -> None:
-        kept = mask_as_float(keep[rows], scratch.get(1, rows.stop - rows.start))
-        block_of(rows, kept).mul_(pending[0]).addcmul_(kept, pending[1])
+        column_rescaled(rows, mask_as_float(keep[rows], scratch.get(1, rows.stop - rows.start)))
 
     def row_step(rows: slice, scratch: Scratch) -> None:
         dense = W0[rows]
         kept = mask_as_float(keep[rows], scratch.get(1, dense.shape[0]))
-        block = block_of(rows, kept)
-        if pending is not None:
-            block.mul_(pending[0]).addcmul_(kept, pending[1])
+        block = column_rescaled(rows, kept) if pending is not None else block_of(rows, kept)
         mu = dense.mean(dim=1, keepdim=True)
         buf = scratch.get(0, block.shape[0])
         e0 = torch.sub(dense, mu, out=buf).square_().sum(dim=1, keepdim=True)
