@@ -14,7 +14,7 @@ On the CPU the chunks are shared out over the torch thread count as Python threa
 running its ops on one thread (torch releases the GIL inside an op). Why not torch's own
 intra-op threads: every op is then a parallel region ending in a barrier, and on a busy
 machine the barrier waits for whichever thread the OS has descheduled; with 20-30 small
-ops per chunk that made a 5120 x 5120 Z-Pruner score 3x slower on 2 threads than on 1
+ops per chunk a 5120 x 5120 Z-Pruner score took 5.7 s on 2 threads against 0.45 s on 1
 (load average 5 on 2 cores). Chunks handed out on demand stall nobody.
 """
 from __future__ import annotations
