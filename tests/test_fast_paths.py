@@ -168,6 +168,15 @@ def test_layer_selection_with_ties_is_exact_and_differs_only_at_the_threshold(le
     assert (score[keep != ref] == threshold).all()
 
 
+def test_layer_selection_keeps_nan_scores_like_topk():
+    score = torch.randperm(100_000, generator=torch.Generator().manual_seed(10)).float().reshape(1, -1)
+    score[0, ::97] = float("nan")
+    keep = drop_lowest(score, 40_000)
+    assert int((~keep).sum()) == 40_000
+    assert keep[0, ::97].all()
+    assert torch.equal(keep, ref_drop_lowest(score, 40_000))
+
+
 def test_layer_selection_falls_back_when_the_sample_misses(monkeypatch):
     """A bracket that misses t (forced here by a 2-score sample) must not give a wrong mask."""
     from zpruner import masks

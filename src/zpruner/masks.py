@@ -60,15 +60,15 @@ def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     hi_rank = min(m, math.ceil(centre + spread))
     lo = sample.kthvalue(lo_rank).values if centre - spread > 1 else flat.new_tensor(-math.inf)
     hi = sample.kthvalue(hi_rank).values if centre + spread < m else flat.new_tensor(math.inf)
-    above_lo = flat >= lo
-    below = n - int(torch.count_nonzero(above_lo))
-    inside = above_lo.logical_and_(flat <= hi)
-    candidates = flat[inside]
+    # NaN compares false everywhere: it is neither below nor inside the bracket, and
+    # "not <= t" keeps it, as top-k (which ranks NaN highest) does
+    below = int(torch.count_nonzero(flat < lo))
+    candidates = flat[(flat >= lo).logical_and_(flat <= hi)]
     rank = k - below  # rank of t among the candidates, 1-based
     if not 0 < rank <= candidates.numel():
         return None
     t = candidates.kthvalue(rank).values
-    keep = flat > t
+    keep = (flat <= t).logical_not_()
     need = k - below - int(torch.count_nonzero(candidates < t))  # how many scores equal to t to drop
     tied = int(torch.count_nonzero(candidates == t))
     if need < tied:
