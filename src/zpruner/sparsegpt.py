@@ -76,23 +76,22 @@ def _solve(
     blocksize: int, damp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     d_out, d_in = W.shape
+    # Rows are independent in the column loop (each row's error only moves that row's
+    # later weights), so each block runs on chunks of rows in parallel worker threads;
+    # only the unstructured mask of a block compares across rows and is chosen before.
+    # Torch itself stays on one thread meanwhile, the factorisation included: the loop is
+    # thousands of small ops, each a parallel region whose barrier waits for a descheduled
+    # thread on a busy machine (two threads made a 576 x 1536 layer over ten times slower
+    # than one), and MKL's Cholesky on two threads took 6.4 s for a 2048 x 2048 Hessian on
+    # this busy 2-core machine, 0.39 s on one. See ``rowpass.map_chunks``.
     workers = torch.get_num_threads()
-    # The factorisation on one thread too: MKL's Cholesky on two threads took 6.4 s for a
-    # 2048 x 2048 Hessian on this busy 2-core machine, 0.39 s on one
+    rows = max(1, -(-d_out // (2 * workers)))  # two chunks per worker: a stalled one is caught up
     with one_cpu_thread(W.device):
         U = inverse_hessian_factor(H, damp)
-    choose = keep is None
-    keep = torch.ones_like(W, dtype=torch.bool) if choose else keep.to(W.device).clone()
-    if pattern.is_nm:
-        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    # Rows are independent in the column loop (each row's error only moves that row's
-    # later weights), so each block runs on chunks of rows in parallel; only the
-    # unstructured mask of a block compares across rows and is chosen before. Why not
-    # torch's own threads: the loop is thousands of small ops, each a parallel region
-    # whose barrier waits for a descheduled thread on a busy machine (two threads made a
-    # 576 x 1536 layer over ten times slower than one); see ``rowpass.map_chunks``.
-    rows = max(1, -(-d_out // (2 * workers)))
-    with one_cpu_thread(W.device):
+        choose = keep is None
+        keep = torch.ones_like(W, dtype=torch.bool) if choose else keep.to(W.device).clone()
+        if pattern.is_nm:
+            blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
         for i1 in range(0, d_in, blocksize):
             _solve_block(W, U, keep, i1, min(i1 + blocksize, d_in), choose, sparsity, pattern, rows, workers)
     return W * keep, keep
