@@ -24,8 +24,9 @@ _SAMPLE_SEED = 0x5A9E  # fixed: the same scores always give the same mask
 def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """keep: [rows, cols] with exactly ``k`` False in every row, at its ``k`` lowest scores.
 
-    Ties at the k-th score may be broken either way. One long row (a whole layer viewed as
-    [1, out·in]) is selected by a threshold search instead of a top-k over every score.
+    One long row (a whole layer viewed as [1, out·in]) is selected by a threshold search
+    instead of a top-k over every score, with the same result (top-k still decides when
+    the k-th score is tied across the cut).
     """
     if score.shape[0] == 1 and score.shape[1] >= THRESHOLD_SEARCH_MIN and 0 < k < score.shape[1]:
         keep = _drop_lowest_flat(score.reshape(-1), k)
@@ -40,12 +41,12 @@ def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     """keep: [n] with exactly ``k`` False at the k lowest of ``flat``, or None when the
-    sampled bracket missed (then the caller falls back to top-k).
+    sampled bracket missed or the k-th lowest score is tied across the cut (then the
+    caller falls back to top-k).
 
     The k-th lowest value t is bracketed by quantiles of a random sample, so only the
-    scores inside the bracket (a fraction of a percent) are selected exactly; the rest is
-    two comparisons and a count over the scores. Everything below t is dropped, and of the
-    scores equal to t the first ones in index order, as many as make the count exact.
+    scores inside the bracket (a few percent) are selected exactly; the rest is a few
+    comparisons and a count over the scores. Everything up to t is dropped.
     """
     n = flat.numel()
     m = min(SAMPLE_SIZE, n)
@@ -68,13 +69,13 @@ def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     if not 0 < rank <= candidates.numel():
         return None
     t = candidates.kthvalue(rank).values
-    keep = (flat <= t).logical_not_()
-    need = k - below - int(torch.count_nonzero(candidates < t))  # how many scores equal to t to drop
-    tied = int(torch.count_nonzero(candidates == t))
-    if need < tied:
-        # Keep the tied scores after the first ``need`` of them.
-        keep[torch.nonzero(flat == t).reshape(-1)[need:]] = True
-    return keep
+    if k - below - int(torch.count_nonzero(candidates < t)) < int(torch.count_nonzero(candidates == t)):
+        # Only some of the scores equal to t are to go. Top-k's choice among them depends
+        # on its algorithm, and it matters: dequantized weights tie by the dozen at the
+        # threshold, and another choice moved SmolLM2's magnitude-50 % perplexity from
+        # 519.77 to 513.98. So top-k decides, and masks stay what they were.
+        return None
+    return (flat <= t).logical_not_()
 
 
 def n_pruned(sparsity: float, size: int) -> int:
