@@ -127,7 +127,10 @@ def energy_compensate_(
         elif axis is not None:
             raise ZprunerError(f"EC axis '{axis}' is unknown; choose 'col' or 'row'")
     if fresh:  # no axes: W is just the masked copy
-        map_chunks(lambda rows, scratch: block_of(rows, mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start))), W)
+        def mask_only(rows: slice, scratch: Scratch) -> None:
+            block_of(rows, mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start)))
+
+        map_chunks(mask_only, W)
     return W
 
 
