@@ -107,9 +107,10 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     S = (α·|z_r|³ + (1 − α)·|z_c|³) · ‖x_j‖₂^1.5 with α = 0.7·(1 − 0.3·s), where s is the
     fraction of |W| below 0.1·mean|W| (the paper's sparsity-aware blend).
 
-    Three passes over W: column norms; the spreads of both normalised matrices and the
-    count behind s; the score. The means need no pass: mean(W/‖W_i‖) is Σ_i rowsum_i/‖W_i‖
-    over the size (and likewise for columns).
+    Three chunked passes over W (column norms and Σ|W|; the spreads of both normalised
+    matrices and the count behind s; the score) plus plain row and column reductions; no
+    normalised matrix is ever stored: mean(W/‖W_i‖) is Σ_i rowsum_i/‖W_i‖ over the size
+    (and likewise for columns).
     """
     W = W.float()
     n = W.numel()
