@@ -13,13 +13,69 @@ from .config import Pattern
 from .errors import ZprunerError
 
 
+# Below this many scores a single row is selected by top-k: the threshold search only pays
+# off once a full selection costs more than its few passes (measured: 26 M scores, top-k
+# 0.64 s against about 0.1 s; at 64 K both are well under a millisecond).
+THRESHOLD_SEARCH_MIN = 1 << 16
+SAMPLE_SIZE = 1 << 16
+_SAMPLE_SEED = 0x5A9E  # fixed: the same scores always give the same mask
+
+
 def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """keep: [rows, cols] with exactly ``k`` False in every row, at its ``k`` lowest scores."""
+    """keep: [rows, cols] with exactly ``k`` False in every row, at its ``k`` lowest scores.
+
+    One long row (a whole layer viewed as [1, out·in]) is selected by a threshold search
+    instead of a top-k over every score, with the same result (top-k still decides when
+    the k-th score is tied across the cut).
+    """
+    if score.shape[0] == 1 and score.shape[1] >= THRESHOLD_SEARCH_MIN and 0 < k < score.shape[1]:
+        keep = _drop_lowest_flat(score.reshape(-1), k)
+        if keep is not None:
+            return keep.reshape(score.shape)
     keep = torch.ones_like(score, dtype=torch.bool)
     if k > 0:
         lowest = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
         keep.scatter_(1, lowest, False)
     return keep
+
+
+def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """keep: [n] with exactly ``k`` False at the k lowest of ``flat``, or None when the
+    sampled bracket missed or the k-th lowest score is tied across the cut (then the
+    caller falls back to top-k).
+
+    The k-th lowest value t is bracketed by quantiles of a random sample, so only the
+    scores inside the bracket (a few percent) are selected exactly; the rest is a few
+    comparisons and a count over the scores. Everything up to t is dropped.
+    """
+    n = flat.numel()
+    m = min(SAMPLE_SIZE, n)
+    gen = torch.Generator(device=flat.device).manual_seed(_SAMPLE_SEED)
+    sample = flat[torch.randint(n, (m,), generator=gen, device=flat.device)]
+    # The sample rank of t is binomial around k·m/n; 8 standard deviations (plus a
+    # little) put t outside the bracket with probability far below 1e-12.
+    q = k / n
+    centre = q * m
+    spread = 8.0 * math.sqrt(max(m * q * (1 - q), 1.0)) + 2
+    lo_rank = max(1, math.floor(centre - spread))
+    hi_rank = min(m, math.ceil(centre + spread))
+    lo = sample.kthvalue(lo_rank).values if centre - spread > 1 else flat.new_tensor(-math.inf)
+    hi = sample.kthvalue(hi_rank).values if centre + spread < m else flat.new_tensor(math.inf)
+    # NaN compares false everywhere: it is neither below nor inside the bracket, and
+    # "not <= t" keeps it, as top-k (which ranks NaN highest) does
+    below = int(torch.count_nonzero(flat < lo))
+    candidates = flat[(flat >= lo).logical_and_(flat <= hi)]
+    rank = k - below  # rank of t among the candidates, 1-based
+    if not 0 < rank <= candidates.numel():
+        return None
+    t = candidates.kthvalue(rank).values
+    if k - below - int(torch.count_nonzero(candidates < t)) < int(torch.count_nonzero(candidates == t)):
+        # Only some of the scores equal to t are to go. Top-k's choice among them depends
+        # on its algorithm, and it matters: dequantized weights tie by the dozen at the
+        # threshold, and another choice moved SmolLM2's magnitude-50 % perplexity from
+        # 519.77 to 513.98. So top-k decides, and masks stay what they were.
+        return None
+    return (flat <= t).logical_not_()
 
 
 def n_pruned(sparsity: float, size: int) -> int:

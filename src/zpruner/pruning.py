@@ -21,7 +21,7 @@ from .reallocation import best_permutation
 from .scores import SCORES
 from .sparsegpt import sparsegpt
 from .stats import ActivationStats, record_inputs
-from .updates import EC_AXES, energy_compensate
+from .updates import EC_AXES, energy_compensate_
 
 
 @dataclass
@@ -51,10 +51,13 @@ def pruned_weights(
         score = SCORES[config.method]
         keep = keep_mask(score(W0, stats, config), config.sparsity, config.parsed_pattern,
                          config.group or score.default_group)
-        W = _solve(W0, stats, config, keep)[0] if config.update == "sparsegpt" else W0 * keep
+        # None stands for W0 masked by keep, made only when needed: EC makes it chunk by
+        # chunk in its first pass instead of as a whole-matrix product with a bool mask
+        W = _solve(W0, stats, config, keep)[0] if config.update == "sparsegpt" else None
     if config.update in EC_AXES:
-        W = energy_compensate(W0, W, keep, EC_AXES[config.update], config.ec_clamp)
-    return W, keep
+        # W is this function's own float32 copy (or None): EC may work in place
+        return energy_compensate_(W0, W, keep, EC_AXES[config.update], config.ec_clamp), keep
+    return (W0 * keep if W is None else W), keep
 
 
 @torch.no_grad()

@@ -1,0 +1,235 @@
+"""The fast implementations (chunked scores and EC, threshold selection, row-parallel
+SparseGPT) against the textbook formulas they replaced, kept here verbatim as references."""
+import pytest
+import torch
+
+from zpruner import rowpass
+from zpruner.config import Pattern
+from zpruner.masks import drop_lowest, keep_mask
+from zpruner.scores import cvr, ria, wanda, zpruner
+from zpruner.sparsegpt import sparsegpt
+from zpruner.stats import ActivationStats
+from zpruner.updates import energy_compensate, energy_compensate_
+
+# --- the reference formulas, as they were before the fast paths ---------------------------
+
+
+def ref_energy_compensate(W0, W, keep, axes=("col", "row"), clamp=(0.0, float("inf"))):
+    lo, hi = clamp
+    W0, W = W0.float(), W.float() * keep
+    for axis in axes:
+        dim = {"col": 0, "row": 1}[axis]
+        mu = W0.mean(dim=dim, keepdim=True)
+        e0 = (W0 - mu).square().sum(dim=dim, keepdim=True)
+        e = ((W - mu) * keep).square().sum(dim=dim, keepdim=True)
+        gamma = torch.where(e > 0, (e0 / e.where(e > 0, 1.0)).sqrt(), torch.ones_like(e))
+        W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
+    return W
+
+
+def ref_ria(W, stats, a):
+    A = W.abs()
+    col_sum = A.sum(dim=0, keepdim=True)
+    row_sum = A.sum(dim=1, keepdim=True)
+    relative = A / col_sum.where(col_sum > 0, 1.0) + A / row_sum.where(row_sum > 0, 1.0)
+    return relative * stats.l2.pow(a)[None, :]
+
+
+def _standardised(X):
+    std = X.std()
+    return (X - X.mean()) / std.where(std > 0, 1.0)
+
+
+def ref_zpruner(W, stats):
+    A = W.abs()
+    row_norm = W.norm(dim=1, keepdim=True)
+    col_norm = W.norm(dim=0, keepdim=True)
+    z_row = _standardised(W / row_norm.where(row_norm > 0, 1.0))
+    z_col = _standardised(W / col_norm.where(col_norm > 0, 1.0))
+    small = (A < 0.1 * A.mean()).float().mean()
+    alpha = 0.7 * (1 - 0.3 * small)
+    importance = alpha * z_row.abs().pow(3) + (1 - alpha) * z_col.abs().pow(3)
+    return importance * stats.l2.pow(1.5)[None, :]
+
+
+def ref_cvr(W, stats, alpha, eps):
+    a = stats.var.pow(0.25)
+    c = (W.var(dim=0, unbiased=False) + eps).pow(-alpha / 2)
+    return W.abs() * (a * c)[None, :]
+
+
+def ref_drop_lowest(score, k):
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, False)
+    return keep
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def small_chunks(request, monkeypatch):
+    """Chunks of a few rows, so every pass has many chunks (and, on 2 threads, runs them on
+    the worker pool): the chunk seams are what the fast paths can get wrong."""
+    monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 1000)
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield
+    torch.set_num_threads(before)
+
+
+def layer(d_out, d_in, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g) / d_in**0.5 + offset
+    stats = ActivationStats(d_in)
+    stats.add(torch.randn(64, d_in, generator=g) * torch.exp(torch.randn(d_in, generator=g)) + 0.5)
+    keep = torch.rand(d_out, d_in, generator=g) > 0.5
+    return W, stats, keep
+
+
+def assert_close_relative(actual, expected, rtol):
+    """Elementwise within rtol of the largest magnitude (float32 reassociation)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+# --- EC --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [("col", "row"), ("col",), ("row",), ("row", "col"), ("col", "col"), ()])
+@pytest.mark.parametrize("clamp", [(0.0, float("inf")), (0.8, 1.25)])
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_ec_equals_the_reference_formula(small_chunks, axes, clamp, offset):
+    W0, _, keep = layer(37, 53, seed=1, offset=offset)
+    expected = ref_energy_compensate(W0, W0 * keep, keep, axes, clamp)
+    assert_close_relative(energy_compensate(W0, W0 * keep, keep, axes, clamp), expected, 1e-6)
+    # in place on a masked copy, and from W0 alone (W None: masked inside the first pass)
+    assert_close_relative(energy_compensate_(W0, W0 * keep, keep, axes, clamp), expected, 1e-6)
+    assert_close_relative(energy_compensate_(W0, None, keep, axes, clamp), expected, 1e-6)
+
+
+def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
+    """W need not be W0 masked (SparseGPT's output): EC must use W, not W0, for the energies."""
+    W0, _, keep = layer(40, 48, seed=2)
+    W = (W0 + 0.1 * torch.randn_like(W0)) * keep
+    expected = ref_energy_compensate(W0, W, keep)
+    assert_close_relative(energy_compensate_(W0, W.clone(), keep), expected, 1e-6)
+    assert not torch.allclose(energy_compensate_(W0, None, keep), expected, rtol=1e-3)
+
+
+def test_ec_rejects_an_unknown_axis():
+    W0, _, keep = layer(4, 4, seed=0)
+    with pytest.raises(Exception, match="axis"):
+        energy_compensate(W0, W0 * keep, keep, ("diag",))
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.05])
+def test_scores_equal_the_reference_formulas(small_chunks, offset):
+    W, stats, _ = layer(45, 61, seed=3, offset=offset)
+    assert_close_relative(ria(W, stats, a=0.5), ref_ria(W, stats, 0.5), 1e-6)
+    assert_close_relative(zpruner(W, stats), ref_zpruner(W, stats), 1e-6)
+    assert_close_relative(cvr(W, stats, alpha=1.0, eps=1e-6), ref_cvr(W, stats, 1.0, 1e-6), 1e-6)
+    assert torch.equal(wanda(W, stats), W.abs() * stats.l2[None, :])
+
+
+def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
+    W, stats, _ = layer(30, 40, seed=4)
+    W[3] = 0
+    W[:, 7] = 0
+    S = zpruner(W, stats)
+    assert torch.isfinite(S).all()
+    assert_close_relative(S, ref_zpruner(W, stats), 1e-6)
+
+
+# --- layer-wide selection ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.1, 0.5, 0.9, 0.9999])
+def test_layer_selection_equals_topk_on_distinct_scores(fraction):
+    g = torch.Generator().manual_seed(5)
+    score = torch.randperm(300_000, generator=g).float().reshape(1, -1)  # all distinct
+    k = int(fraction * score.numel())
+    assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+
+
+@pytest.mark.parametrize("levels", [2, 7, 1000])
+def test_layer_selection_with_ties_at_the_cut_is_topk_s(levels):
+    """Top-k's choice among tied scores decides real results (dequantized weights tie by
+    the dozen): a tie across the cut must give exactly top-k's mask."""
+    g = torch.Generator().manual_seed(6)
+    score = torch.randint(levels, (1, 200_000), generator=g).float()
+    k = 123_457
+    keep = drop_lowest(score, k)
+    assert int((~keep).sum()) == k
+    assert torch.equal(keep, ref_drop_lowest(score, k))
+
+
+def test_layer_selection_with_ties_below_the_cut_needs_no_topk(monkeypatch):
+    """Ties that do not straddle the cut are decided by the threshold alone."""
+    from zpruner import masks
+
+    score = torch.randperm(200_000, generator=torch.Generator().manual_seed(11)).float().reshape(1, -1)
+    score[0, :5000] = 3.0  # 5000 equal scores, all far below the cut
+    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    keep = drop_lowest(score, 100_000)
+    assert int((~keep).sum()) == 100_000
+    assert (~keep[0, :5000]).all()
+    assert score[~keep].max() < score[keep].min()
+
+
+def test_layer_selection_keeps_nan_scores_like_topk():
+    score = torch.randperm(100_000, generator=torch.Generator().manual_seed(10)).float().reshape(1, -1)
+    score[0, ::97] = float("nan")
+    keep = drop_lowest(score, 40_000)
+    assert int((~keep).sum()) == 40_000
+    assert keep[0, ::97].all()
+    assert torch.equal(keep, ref_drop_lowest(score, 40_000))
+
+
+def test_layer_selection_falls_back_when_the_sample_misses(monkeypatch):
+    """A bracket that misses t (forced here by a 2-score sample) must not give a wrong mask."""
+    from zpruner import masks
+
+    monkeypatch.setattr(masks, "SAMPLE_SIZE", 2)
+    score = torch.randperm(100_000, generator=torch.Generator().manual_seed(7)).float().reshape(1, -1)
+    for k in (1, 1000, 50_000, 99_999):
+        assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+
+
+def test_layer_mask_of_a_real_shaped_score_matches_topk():
+    W, _, _ = layer(512, 384, seed=8)
+    keep = keep_mask(W.abs(), 0.5, Pattern(), "layer")
+    assert torch.equal(keep, ref_drop_lowest(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
+
+
+# --- SparseGPT --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)])
+def test_sparsegpt_row_parallel_equals_one_thread(pattern):
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(70, 96, generator=g)
+    X = torch.randn(256, 96, generator=g) * torch.exp(torch.randn(96, generator=g))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        W1, keep1 = sparsegpt(W, X.t() @ X, sparsity=0.5, pattern=pattern, blocksize=32)
+        torch.set_num_threads(2)
+        W2, keep2 = sparsegpt(W, X.t() @ X, sparsity=0.5, pattern=pattern, blocksize=32)
+        assert torch.get_num_threads() == 2  # the solver gives the caller its threads back
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(keep1, keep2)
+    assert_close_relative(W2, W1, 1e-6)
+
+
+def test_map_chunks_returns_results_in_chunk_order(monkeypatch):
+    monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 10)
+    X = torch.arange(100.0).reshape(50, 2)
+    parts = rowpass.map_chunks(lambda rows, _s: X[rows].sum(), X, workers=2)
+    assert len(parts) == 10
+    assert [float(p) for p in parts] == [float(X[i * 5:(i + 1) * 5].sum()) for i in range(10)]
