@@ -210,7 +210,7 @@ def test_layer_mask_of_a_real_shaped_score_matches_topk():
 
 
 @pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)])
-def test_sparsegpt_row_parallel_equals_one_thread(pattern):
+def test_sparsegpt_is_the_same_on_one_and_two_threads(pattern):
     g = torch.Generator().manual_seed(9)
     W = torch.randn(70, 96, generator=g)
     X = torch.randn(256, 96, generator=g) * torch.exp(torch.randn(96, generator=g))

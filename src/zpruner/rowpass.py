@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -76,21 +75,6 @@ def map_chunks(
     # A fresh scratch per chunk costs nothing measurable: chunk-sized blocks come back from
     # the allocator's free lists, already touched, unlike whole-matrix ones.
     return list(_pool(workers).map(lambda r: fn(r, Scratch(like, buffers, r.stop - r.start)), slices))
-
-
-@contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Torch on one thread while the caller issues many small ops on the CPU (for example
-    between ``map_chunks`` calls): a small op on two threads is a parallel region whose
-    barrier waits for a descheduled thread on a busy machine (measured with load 5 on 2
-    cores: 128 rank-1 updates of a 768 x 128 block took 2 s on two threads, 6 ms on one)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
