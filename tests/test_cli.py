@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
 from zpruner.cli import main

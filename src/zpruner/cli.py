@@ -242,11 +242,8 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value >= 0:  # also refuses nan
+    value = _finite(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is below 0")
     return value
 

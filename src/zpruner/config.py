@@ -50,11 +50,12 @@ class Pattern:
 
 
 def check_sparsity(sparsity: float) -> None:
-    if not _is_number(sparsity) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+    if not is_number(sparsity) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ZprunerError(f"sparsity {sparsity!r} is out of range; give a fraction in [0, 1), e.g. 0.5")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """int or float, not bool (True is an int to Python, never a number to a user)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -72,7 +73,7 @@ def check_int(name: str, value, minimum: int | None = 1) -> None:
 def check_float(name: str, value, minimum: float | None = None, strict: bool = False) -> None:
     """``value`` is a finite number, >= ``minimum`` (> with ``strict``). NaN and infinity are
     refused everywhere: one of them in a constant silently ruins every score."""
-    ok = _is_number(value) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     if ok and minimum is not None:
         ok = value > minimum if strict else value >= minimum
     if not ok:
@@ -93,7 +94,7 @@ def check_bool(name: str, value) -> None:
 def check_clamp_pair(value) -> tuple[float, float]:
     """EC's clamp range as a pair of finite numbers (the range rule is updates.check_clamp's)."""
     if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2 or not all(
-            _is_number(v) and math.isfinite(v) for v in value):
+            is_number(v) and math.isfinite(v) for v in value):
         raise ZprunerError(f"{_label('ec_clamp')} must be two finite numbers LO,HI such as 0.8,1.25, got {value!r}")
     return float(value[0]), float(value[1])
 

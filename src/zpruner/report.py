@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import PruneConfig
+from .config import PruneConfig, is_number
 from .errors import ZprunerError
 from .io import check_output_folder, write_atomic
 
@@ -61,8 +61,9 @@ def _check_result(result, where: str) -> dict:
             raise ZprunerError(f"{where}: config.prune is not a valid pruning configuration ({exc})") from None
     for key in ("perplexity_protocol", "dense_perplexity_protocol"):
         entry = result.get(key)
-        if entry is not None and not (isinstance(entry, dict) and (entry.get("value") is None or (
-                isinstance(entry.get("value"), (int, float)) and not isinstance(entry.get("value"), bool)))):
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or (entry.get("value") is not None and not is_number(entry["value"])):
             raise ZprunerError(f"{where}: {key}.value must be a number or null; {HINT}")
     return result
 
