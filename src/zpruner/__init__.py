@@ -8,17 +8,21 @@
     zpruner.prune(model, cfg, calib)
     print(zpruner.evaluate_tasks(model, tokenizer, "arc_easy,boolq", data_dir="../shared/data", limit=100))
 """
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
 
-from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig  # noqa: E402
-from .data import calibration_windows, eval_tokens, load_texts  # noqa: E402
-from .errors import ZprunerError  # noqa: E402
-from .evaluate import perplexity  # noqa: E402
-from .layers import measure_sparsity  # noqa: E402
-from .models import load_model  # noqa: E402
-from .pruning import prune  # noqa: E402
-from .runner import run  # noqa: E402
-from .zeroshot import evaluate_tasks  # noqa: E402
+# The built-in methods register themselves, in the order help texts and reports list them.
+from . import scores, updates, sparsegpt  # noqa: F401, I001
+from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
+from .data import calibration_windows, eval_tokens, load_texts
+from .errors import ZprunerError
+from .evaluate import perplexity
+from .layers import measure_sparsity
+from .models import load_model
+from .pruning import prune
+from .runner import run
+from .zeroshot import evaluate_tasks
+
+__version__ = _version("zpruner")
 
 __all__ = [
     "EvalConfig",

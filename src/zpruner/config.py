@@ -9,7 +9,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_bool, check_int, check_str
 from .errors import ZprunerError
+from .masks import Pattern, check_sparsity
+from .protocols import check_protocol, expand
+from .registry import UPDATES, Method, constants, get_method, get_update
+from .zeroshot import parse_tasks
 
 SCHEMA_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -17,124 +22,54 @@ GROUPS = ("row", "layer")
 CALIB_BATCH_TOKENS = 4096
 
 
-@dataclass(frozen=True)
-class Pattern:
-    """Sparsity pattern. ``n``/``m`` set for N:M (n zeros in every m consecutive inputs)."""
-
-    n: int | None = None
-    m: int | None = None
-
-    @property
-    def is_nm(self) -> bool:
-        return self.m is not None
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
-
-    @classmethod
-    def parse(cls, text: str) -> "Pattern":
-        text = text.strip().lower()
-        if text == "unstructured":
-            return cls()
-        parts = text.split(":")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ZprunerError(
-                f"pattern '{text}' is not understood; use 'unstructured' or N:M such as 2:4 or 4:8"
-            )
-        n, m = int(parts[0]), int(parts[1])
-        if m < 1 or not 0 < n < m:
-            raise ZprunerError(
-                f"pattern {n}:{m} is invalid: N (zeros per group) must satisfy 0 < N < M; e.g. 2:4"
-            )
-        return cls(n, m)
+def _check_group(name: str, value) -> None:
+    if value not in GROUPS:
+        raise ZprunerError(f"group '{value}' is unknown; choose one of {', '.join(GROUPS)}")
 
 
-def check_sparsity(sparsity: float) -> None:
-    if not is_number(sparsity) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
-        raise ZprunerError(f"sparsity {sparsity!r} is out of range; give a fraction in [0, 1), e.g. 0.5")
-
-
-def is_number(value) -> bool:
-    """int or float, not bool (True is an int to Python, never a number to a user)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _label(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
-
-
-def check_int(name: str, value, minimum: int | None = 1) -> None:
-    """``value`` is an integer (not a bool, not a string) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ZprunerError(f"{_label(name)} must be {bound}, got {value!r}")
-
-
-def check_float(name: str, value, minimum: float | None = None, strict: bool = False) -> None:
-    """``value`` is a finite number, >= ``minimum`` (> with ``strict``). NaN and infinity are
-    refused everywhere: one of them in a constant silently ruins every score."""
-    ok = is_number(value) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ZprunerError(f"{_label(name)} must be a finite number{bound}, got {value!r}")
-
-
-def check_str(name: str, value) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ZprunerError(f"{_label(name)} must be a non-empty text, got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ZprunerError(f"{_label(name)} must be true or false, got {value!r}")
-
-
-def check_clamp_pair(value) -> tuple[float, float]:
-    """EC's clamp range as a pair of finite numbers (the range rule is updates.check_clamp's)."""
-    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2 or not all(
-            is_number(v) and math.isfinite(v) for v in value):
-        raise ZprunerError(f"{_label('ec_clamp')} must be two finite numbers LO,HI such as 0.8,1.25, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-# Each PruneConfig field alone (combinations are PruneConfig.__post_init__'s); the sweep
-# checks a grid's values with these before it builds any combination.
+# Each core PruneConfig field alone (combinations are PruneConfig.__post_init__'s, the
+# methods' constants the registry's); the sweep checks a grid's values with these before it
+# builds any combination.
 PRUNE_FIELD_CHECKS = {
-    "method": check_str, "pattern": check_str, "group": check_str, "update": check_str, "calibration": check_str,
-    "nsamples": check_int, "seqlen": check_int, "blocksize": check_int, "calib_batch_size": check_int,
+    "method": lambda n, v: (check_str(n, v), get_method(v)),
+    "update": lambda n, v: (check_str(n, v), get_update(v)),
+    "pattern": lambda n, v: (check_str(n, v), Pattern.parse(v)),
+    "group": _check_group, "calibration": check_str,
+    "nsamples": check_int, "seqlen": check_int, "calib_batch_size": check_int,
     "seed": lambda n, v: check_int(n, v, minimum=None),
     "reallocate": check_bool,
-    "ria_exponent": lambda n, v: check_float(n, v, 0.0),
-    "cvr_alpha": lambda n, v: check_float(n, v, 0.0),
-    "cvr_eps": lambda n, v: check_float(n, v, 0.0),
-    "damp": lambda n, v: check_float(n, v, 0.0, strict=True),
-    "ec_clamp": lambda n, v: check_clamp_pair(v),
     "sparsity": lambda n, v: check_sparsity(v),
 }
 
 
 def check_prune_field(name: str, value) -> None:
-    """One PruneConfig field's type and range; None (the default) always passes."""
-    if value is not None and name in PRUNE_FIELD_CHECKS:
+    """One PruneConfig field's or registered constant's type and range; None (the default)
+    always passes."""
+    if value is None:
+        return
+    if name in PRUNE_FIELD_CHECKS:
         PRUNE_FIELD_CHECKS[name](name, value)
+    elif name in constants():
+        constants()[name].validate(value)
 
 
-@dataclass
+@dataclass(init=False)
 class PruneConfig:
     """What to prune and how, and the calibration data that drives it.
 
-    ``pattern`` is 'unstructured' or 'N:M'. ``sparsity`` None means 0.5 for unstructured
-    and N/M for N:M (where any other value is an error). ``group`` ('row' or 'layer') is the
-    comparison group of unstructured masks; None takes the method's default.
-    ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
+    ``method`` is a score (zpruner.scores) or a solver that chooses its mask inside a
+    reconstruction (sparsegpt). ``pattern`` is 'unstructured' or 'N:M'. ``sparsity`` None
+    means 0.5 for unstructured and N/M for N:M (where any other value is an error).
+    ``group`` ('row' or 'layer') is the comparison group of unstructured masks; None takes
+    the method's default. ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
     ``update`` corrects the kept weights after the mask: 'none', 'ec' (column then row
-    energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the
-    inverse Hessian, keeping the method's mask). Method 'sparsegpt' chooses its own mask
-    inside the reconstruction. The remaining fields are the methods' constants; the
-    defaults of ``cvr_alpha``, ``cvr_eps`` and ``ec_clamp`` come from the experiment in
-    experiments/open_constants.md.
+    energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the inverse
+    Hessian, keeping the method's mask).
+
+    The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``, ``damp`` ...:
+    ``zpruner.registry.constants()``) are keyword arguments too; they are kept in
+    ``constants`` (every registered one, defaults filled in), read as attributes
+    (``config.cvr_alpha``) and stored flat beside the fields in results.
     """
 
     method: str = "wanda"
@@ -147,32 +82,56 @@ class PruneConfig:
     calibration: str = "c4"
     update: str = "none"
     reallocate: bool = False  # RIA channel reallocation + linear-sum assignment (N:M only)
-    ria_exponent: float = 0.5
-    cvr_alpha: float = 1.0
-    cvr_eps: float = 1e-6
-    ec_clamp: tuple[float, float] = (0.8, 1.25)
-    blocksize: int = 128  # SparseGPT column block
-    damp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
     # Calibration samples per block forward; None = as many as make ~4096 tokens (8 x 512,
     # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
     calib_batch_size: int | None = None
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, *args, **kwargs) -> None:
+        names = [f.name for f in dataclasses.fields(self) if f.name != "constants"]
+        if len(args) > len(names):
+            raise TypeError(f"PruneConfig takes at most {len(names)} positional arguments ({', '.join(names)})")
+        given = dict(zip(names, args))
+        for name in set(given) & set(kwargs):
+            raise TypeError(f"PruneConfig got two values for {name}")
+        given.update(kwargs)
+        known = constants()
+        given_constants = dict(given.pop("constants", None) or {})
+        for name in list(given):
+            if name not in names:
+                if name not in known:
+                    raise ZprunerError(f"'{name}' is neither a pruning option nor a registered method's constant; "
+                                       f"constants: {', '.join(known) or 'none'}")
+                given_constants[name] = given.pop(name)
+        for f in dataclasses.fields(self):
+            if f.name != "constants":
+                setattr(self, f.name, given.get(f.name, f.default))
+        self.constants = {name: given_constants.get(name, c.default) for name, c in known.items()}
+        for name in set(given_constants) - set(known):
+            raise ZprunerError(f"constant '{name}' belongs to no registered method; known: {', '.join(known)}")
+        self.__post_init__()
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: the registered constants read as attributes
+        constants_ = self.__dict__.get("constants", {})
+        if name in constants_:
+            return constants_[name]
+        raise AttributeError(f"'PruneConfig' has no attribute '{name}'")
 
     def __post_init__(self) -> None:
-        # late imports: scores -> stats -> layers imports this module
-        from .scores import check_method
-        from .updates import check_clamp, check_update
-
         for f in dataclasses.fields(self):
-            check_prune_field(f.name, getattr(self, f.name))
-        check_method(self.method)
-        check_update(self.update)
-        self.ec_clamp = check_clamp_pair(self.ec_clamp)
-        check_clamp(self.ec_clamp)
-        if self.method == "sparsegpt":
-            if self.update == "sparsegpt":
-                raise ZprunerError("method sparsegpt already reconstructs; use --update none or ec")
+            if f.name != "constants":
+                check_prune_field(f.name, getattr(self, f.name))
+        known = constants()
+        self.constants = {name: known[name].validate(value) for name, value in self.constants.items()}
+        method, update = get_method(self.method), get_update(self.update)
+        if method.kind == "solver":
+            if update.needs_hessian:
+                others = [name for name, u in UPDATES.items() if not u.needs_hessian]
+                choices = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
+                raise ZprunerError(f"method {self.method} already reconstructs; use --update {choices}")
             if self.group is not None:
-                raise ZprunerError("--group does not apply to method sparsegpt: it selects per column block")
+                raise ZprunerError(f"--group does not apply to method {self.method}: it chooses its mask in its solver")
         pattern = self.parsed_pattern
         if pattern.is_nm:
             nm_sparsity = pattern.n / pattern.m
@@ -187,49 +146,63 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
-        if self.group is not None and self.group not in GROUPS:
-            raise ZprunerError(f"group '{self.group}' is unknown; choose one of {', '.join(GROUPS)}")
-        if self.reallocate and (not pattern.is_nm or self.method == "sparsegpt"):
-            raise ZprunerError("--reallocate needs an N:M --pattern and a score-based method (not sparsegpt)")
+        if self.reallocate and (not pattern.is_nm or method.kind != "score"):
+            raise ZprunerError("--reallocate needs an N:M --pattern and a score-based method (not a solver)")
+
+    @property
+    def method_entry(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def update_entry(self) -> Method:
+        return get_update(self.update)
 
     @property
     def uses_hessian(self) -> bool:
-        return "sparsegpt" in (self.method, self.update)
+        return self.method_entry.needs_hessian or self.update_entry.needs_hessian
 
     @property
     def needs_calibration(self) -> bool:
-        from .scores import SCORES
-
         # reallocation checks each permutation on a calibration sample
-        return self.uses_hessian or self.reallocate or SCORES[self.method].needs_activations
+        return self.uses_hessian or self.reallocate or self.method_entry.needs_activations
 
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
+    def used_constants(self) -> dict[str, Any]:
+        """The constants of the method and the update this configuration uses."""
+        used = [f.name for entry in (self.method_entry, self.update_entry) for f in entry.constant_fields]
+        return {name: self.constants[name] for name in used}
+
     def identity(self) -> dict[str, Any]:
         """The fields that decide this configuration's pruned weights: the constants of
         methods and updates it does not use, calibration settings of a data-free method and
         execution details (calib_batch_size) are left out, so equal results get equal keys."""
-        from .scores import SCORES
-        from .updates import EC_AXES
-
         used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
         if self.needs_calibration:
             used |= {"nsamples", "seqlen", "seed", "calibration"}
-        if self.method in SCORES:
-            used |= set(SCORES[self.method].options.values())
-        if self.update in EC_AXES:
-            used.add("ec_clamp")
-        if self.uses_hessian:
-            used |= {"blocksize", "damp"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in used}
+        return {**{k: v for k, v in self.to_dict().items() if k in used}, **self.used_constants()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, then every constant, flat (the results files' ``config.prune``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "constants"}
+        return {**d, **self.constants}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
-        """From a results file's ``config.prune``; fields a newer zpruner added take their defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From a results file's ``config.prune``. Fields a newer zpruner added take their
+        defaults; of the stored constants only those of the stored method and update are
+        read: the others never touched the weights, and files from before a default changed
+        may hold values that today's checks refuse (EC's clamp was once 0,inf)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"constants"}
+        used: set[str] = set()
+        for lookup, name in ((get_method, d.get("method", cls.method)), (get_update, d.get("update", cls.update))):
+            try:
+                used |= {f.name for f in lookup(name).constant_fields}
+            except ZprunerError:
+                pass  # the constructor names the unknown method or update
+        return cls(**{k: v for k, v in d.items() if k in names or k in used})
 
 
 @dataclass
@@ -262,8 +235,6 @@ class ZeroShotConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        from .zeroshot import parse_tasks  # late import, like PruneConfig's
-
         if not isinstance(self.tasks, (str, list, tuple)):
             raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {self.tasks!r}")
         self.tasks = list(parse_tasks(self.tasks))
@@ -305,9 +276,50 @@ class RunConfig:
     overwrite: bool = False  # let ``save`` replace a previous zpruner output (never any other folder)
 
     def __post_init__(self) -> None:
-        from .protocols import check_protocol
-
         check_protocol(self.protocol)
 
+    @classmethod
+    def from_options(cls, protocol: str | None = None, *, prune: bool = True, **options) -> "RunConfig":
+        """A run from flat options, as the CLI and the sweep name them (``--eval-seqlen`` is
+        ``eval_seqlen``, a method's constant its own name). None means "not given": the
+        ``protocol``'s value where it has one, else the dataclass default. Without ``prune``
+        the pruning options are ignored (a dense measurement of the same protocol)."""
+        prune_names = {f.name for f in dataclasses.fields(PruneConfig) if f.name != "constants"} | set(constants())
+        unknown = set(options) - prune_names - set(MODEL_OPTIONS) - set(EVAL_OPTIONS) - set(ZERO_SHOT_OPTIONS) \
+            - set(RUN_OPTIONS) - set(PROTOCOL_OPTIONS) - {"no_eval"}
+        if unknown:
+            raise ZprunerError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in options.items() if v is not None}
+        chosen = expand(protocol, {k: given.pop(k, None) for k in PROTOCOL_OPTIONS})
+
+        def take(table: dict[str, str]) -> dict[str, Any]:
+            return {field_name: given.pop(option) for option, field_name in table.items() if option in given}
+
+        model = ModelConfig(**take(MODEL_OPTIONS))
+        evaluation = take(EVAL_OPTIONS)
+        evaluation = None if given.pop("no_eval", False) else EvalConfig(
+            **evaluation, seqlen=chosen["eval_seqlen"], windows=chosen["eval_windows"])
+        zero_shot = take(ZERO_SHOT_OPTIONS)
+        if zero_shot and "tasks" not in zero_shot:
+            raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
+        zero_shot = ZeroShotConfig(**zero_shot) if zero_shot else None
+        run = {name: given.pop(name) for name in RUN_OPTIONS if name in given}
+        pruning = None
+        if prune:
+            pruning = PruneConfig(nsamples=chosen["nsamples"], seqlen=chosen["seqlen"],
+                                  **{k: v for k, v in given.items() if k in prune_names})
+        return cls(model, pruning, evaluation, zero_shot=zero_shot, protocol=protocol, **run)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        if self.prune is not None:
+            d["prune"] = self.prune.to_dict()
+        return {"schema_version": SCHEMA_VERSION, **d}
+
+
+# Flat option name -> field, per section (RunConfig.from_options).
+MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_remote_code": "trust_remote_code"}
+EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
+ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
+PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
+RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite")

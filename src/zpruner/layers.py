@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import Pattern
+from .masks import Pattern
 from .errors import ZprunerError
 
 PRUNABLE = (nn.Linear, Conv1D)

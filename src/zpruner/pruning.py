@@ -1,7 +1,7 @@
 """``prune(model, config)``: one method applied to every decoder block through the engine.
 
-Per linear layer: score -> mask -> update (DESIGN.md, "The flow of data"), or, for
-method 'sparsegpt', mask and reconstruction together in the solver.
+Per linear layer: score -> mask -> update (README, "How it works"), or, for a solver
+such as 'sparsegpt', mask and reconstruction together, then the update.
 """
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ from .errors import ZprunerError
 from .layers import check_pattern, find_blocks, find_linears, iter_prunable, weight_view
 from .masks import keep_mask
 from .reallocation import best_permutation
-from .scores import SCORES
-from .sparsegpt import sparsegpt
 from .stats import ActivationStats, record_inputs
-from .updates import EC_AXES, energy_compensate_
 
 
 @dataclass
@@ -35,29 +32,23 @@ class PruneReport:
     reallocated: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _solve(W0: torch.Tensor, stats: ActivationStats, config: PruneConfig, keep: torch.Tensor | None):
-    return sparsegpt(W0, stats.xtx, keep=keep, sparsity=config.sparsity, pattern=config.parsed_pattern,
-                     blocksize=config.blocksize, damp=config.damp)
-
-
 def pruned_weights(
     W0: torch.Tensor, stats: ActivationStats | None, config: PruneConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', keep) for one dense layer W0: [out, in]; W' float32 with exactly keep's zeros."""
     W0 = W0.float()
-    if config.method == "sparsegpt":
-        W, keep = _solve(W0, stats, config, None)
+    method = config.method_entry
+    if method.kind == "solver":
+        W, keep = method(W0, stats, sparsity=config.sparsity, pattern=config.parsed_pattern,
+                         constants=config.constants)
     else:
-        score = SCORES[config.method]
-        keep = keep_mask(score(W0, stats, config), config.sparsity, config.parsed_pattern,
-                         config.group or score.default_group)
+        keep = keep_mask(method(W0, stats, constants=config.constants), config.sparsity, config.parsed_pattern,
+                         config.group or method.default_group)
         # None stands for W0 masked by keep, made only when needed: EC makes it chunk by
         # chunk in its first pass instead of as a whole-matrix product with a bool mask
-        W = _solve(W0, stats, config, keep)[0] if config.update == "sparsegpt" else None
-    if config.update in EC_AXES:
-        # W is this function's own float32 copy (or None): EC may work in place
-        return energy_compensate_(W0, W, keep, EC_AXES[config.update], config.ec_clamp), keep
-    return (W0 * keep if W is None else W), keep
+        W = None
+    # W is this function's own float32 copy (or None): the update may work in place
+    return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
 
 
 @torch.no_grad()
@@ -104,7 +95,8 @@ def reallocate_inputs(
     producers = [p for p in layers.values() if p is not layer and weight_view(p).shape[0] == W.shape[1]]
     if not producers:
         return None
-    perm, plain, realloc = best_permutation(SCORES[config.method](W.float(), stats, config), pattern.n, pattern.m)
+    perm, plain, realloc = best_permutation(config.method_entry(W.float(), stats, constants=config.constants),
+                                          pattern.n, pattern.m)
     if perm is None:
         return None
     perm = perm.to(W.device)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import PruneConfig, is_number
+from .checks import is_number
+from .config import PruneConfig
 from .errors import ZprunerError
 from .io import check_output_folder, write_atomic
 

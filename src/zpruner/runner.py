@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .data import calibration_windows, eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
@@ -35,7 +34,7 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {
-        "zpruner": __version__,
+        "zpruner": importlib.metadata.version("zpruner"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lm_eval": importlib.metadata.version("lm_eval"),

@@ -1,68 +1,43 @@
-"""Importance scores: pure functions ``score(W, stats, **options) -> S``, W and S: [out, in], float32.
+"""Importance scores: pure functions ``score(W, stats, **constants) -> S``, W and S: [out, in], float32.
 
-Higher means more important. Each score is registered with the statistics it needs, its
-default comparison group and the ``PruneConfig`` fields that feed its keyword options;
-a new method is one decorated function here. SparseGPT is the one method that is not a
-score: it chooses its mask inside its reconstruction (``SOLVERS``, see ``sparsegpt.py``).
+Higher means more important. Each score is registered (``zpruner.registry``) with the
+statistics it needs, its default comparison group and the dataclass of its constants; a new
+method is one decorated function here or in a module of its own. SparseGPT is the one
+method that is not a score: it chooses its mask inside its reconstruction (a solver, see
+``sparsegpt.py``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ZprunerError
+from .registry import SCORES, Method, constant, get_method
 from .rowpass import Scratch, map_chunks, sum_parts
 from .stats import ActivationStats
 
-ScoreFn = Callable[..., torch.Tensor]
 
-
-@dataclass(frozen=True)
-class Score:
-    name: str
-    fn: ScoreFn
-    needs_activations: bool
-    default_group: str  # 'row' or 'layer': where unstructured masks compare scores
-    options: Mapping[str, str] = field(default_factory=dict)  # fn keyword -> PruneConfig field
-
-    def __call__(self, W: torch.Tensor, stats: ActivationStats | None, config: Any) -> torch.Tensor:
-        return self.fn(W, stats, **{kw: getattr(config, attr) for kw, attr in self.options.items()})
-
-
-SCORES: dict[str, Score] = {}
-SOLVERS = ("sparsegpt",)  # methods whose mask is chosen inside a reconstruction
-
-
-def register(
-    name: str, *, needs_activations: bool, default_group: str, options: Mapping[str, str] | None = None
-) -> Callable[[ScoreFn], ScoreFn]:
-    def wrap(fn: ScoreFn) -> ScoreFn:
-        SCORES[name] = Score(name, fn, needs_activations, default_group, dict(options or {}))
-        return fn
-
-    return wrap
-
-
-def method_names() -> list[str]:
-    return [*SCORES, *SOLVERS]
-
-
-def check_method(name: str) -> None:
-    if name not in SCORES and name not in SOLVERS:
-        raise ZprunerError(f"method '{name}' is unknown; choose one of {', '.join(method_names())}")
-
-
-def get_score(name: str) -> Score:
-    check_method(name)
-    if name not in SCORES:
+def get_score(name: str) -> Method:
+    method = get_method(name)
+    if method.kind != "score":
         raise ZprunerError(f"method '{name}' chooses its mask inside its solver and has no score")
-    return SCORES[name]
+    return method
 
 
-@register("magnitude", needs_activations=False, default_group="layer")
+@dataclass(frozen=True, kw_only=True)
+class RiaConstants:
+    ria_exponent: float = constant(0.5, "RIA activation exponent a", minimum=0.0, keyword="a")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CvrConstants:
+    # defaults from the held-out experiment in experiments/open_constants.md
+    cvr_alpha: float = constant(1.0, "CVR weight-variance exponent", minimum=0.0, keyword="alpha")
+    cvr_eps: float = constant(1e-6, "CVR variance floor", minimum=0.0, keyword="eps")
+
+
+@SCORES.register("magnitude", default_group="layer")
 def magnitude(W: torch.Tensor, stats: ActivationStats | None = None) -> torch.Tensor:
     """S = |W| (Han et al. 2015), compared over the whole layer."""
     return W.abs()
@@ -72,13 +47,13 @@ def magnitude(W: torch.Tensor, stats: ActivationStats | None = None) -> torch.Te
 # chunk-sized scratch, see ``rowpass``): the same arithmetic as the formula in the
 # docstring, without a fresh full-size temporary per subexpression.
 
-@register("wanda", needs_activations=True, default_group="row")
+@SCORES.register("wanda", needs_activations=True, default_group="row")
 def wanda(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     """S_ij = |W_ij| · ‖x_j‖₂ (Sun et al. 2023, Wanda, eq. 1), compared within each output row."""
     return W.abs().mul_(stats.l2.to(W.device)[None, :])
 
 
-@register("ria", needs_activations=True, default_group="layer", options={"a": "ria_exponent"})
+@SCORES.register("ria", needs_activations=True, default_group="layer", constants=RiaConstants)
 def ria(W: torch.Tensor, stats: ActivationStats, *, a: float) -> torch.Tensor:
     """Relative importance and activations (Zhang et al. 2024, RIA, eq. 3):
     S_ij = (|W_ij| / Σ_i|W_ij| + |W_ij| / Σ_j|W_ij|) · ‖x_j‖₂^a, compared over the whole layer.
@@ -100,7 +75,7 @@ def ria(W: torch.Tensor, stats: ActivationStats, *, a: float) -> torch.Tensor:
     return S
 
 
-@register("zpruner", needs_activations=True, default_group="row")
+@SCORES.register("zpruner", needs_activations=True, default_group="row")
 def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     """Z-Pruner importance (Bhuiyan et al. 2025, arXiv 2508.15828, sec. 3):
     z_r, z_c = the row- and the column-L2-normalised W, each standardised over the matrix;
@@ -157,7 +132,7 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     return S
 
 
-@register("cvr", needs_activations=True, default_group="row", options={"alpha": "cvr_alpha", "eps": "cvr_eps"})
+@SCORES.register("cvr", needs_activations=True, default_group="row", constants=CvrConstants)
 def cvr(W: torch.Tensor, stats: ActivationStats, *, alpha: float, eps: float) -> torch.Tensor:
     """Variance-calibrated importance (statistical-correction paper, "CVR"):
     S_ij = |W_ij| · a_j · c_j with a_j = Var(x_j)^(1/4), the spread of input j over the

@@ -4,19 +4,21 @@ Hessian of its inputs, so the remaining weights absorb the error of the removed 
 W: [out, in], H = XᵀX: [in, in] summed over calibration tokens (float32). The mask is
 either chosen inside the solver, block by block from the OBS saliency w² / [H⁻¹]_jj²
 (the paper's sec. 3.2 adaptive mask selection), or given (any score's mask, then only
-reconstruction: the Z-Pruner code's ``--reconstruction``).
+reconstruction: the Z-Pruner code's ``--reconstruction``). Registered as the solver
+``--method sparsegpt`` and as the update ``--update sparsegpt``.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from .config import Pattern
 from .errors import ZprunerError
-from .masks import drop_lowest, n_pruned
+from .masks import Pattern, drop_lowest, n_pruned
+from .registry import SOLVERS, UPDATES, constant
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +117,22 @@ def _solve(
         W[:, i1:i2] = W1 * keep1
         W[:, i2:] -= err1 @ U[i1:i2, i2:]
     return W * keep, keep
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPTConstants:
+    blocksize: int = constant(128, "SparseGPT column block")
+    damp: float = constant(0.01, "SparseGPT damping, fraction of the mean Hessian diagonal", minimum=0.0, strict=True)
+
+
+@SOLVERS.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants)
+def solve(W0: torch.Tensor, stats, *, sparsity: float, pattern: Pattern, blocksize: int, damp: float):
+    """The mask chosen inside the reconstruction (the paper's adaptive mask selection)."""
+    return sparsegpt(W0, stats.xtx, sparsity=sparsity, pattern=pattern, blocksize=blocksize, damp=damp)
+
+
+@UPDATES.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants)
+def reconstruct(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats, *, blocksize: int,
+                damp: float) -> torch.Tensor:
+    """Another method's mask, the kept weights reconstructed from the dense ones."""
+    return sparsegpt(W0, stats.xtx, keep=keep, blocksize=blocksize, damp=damp)[0]

@@ -25,22 +25,27 @@ from typing import Any
 
 import yaml
 
-from .config import (EvalConfig, ModelConfig, Pattern, PruneConfig, RunConfig, ZeroShotConfig, check_bool,
-                     check_int, check_prune_field, check_str)
+from .checks import check_bool, check_int, check_str
+from .config import PruneConfig, RunConfig, ZeroShotConfig, check_prune_field
 from .errors import ZprunerError
 from .io import check_output_file, dumps_json
-from .protocols import check_protocol, expand
+from .masks import Pattern
+from .protocols import check_protocol
+from .registry import constants
 from .results import replace_non_finite
-from .scores import check_method
-from .updates import check_update
 
 log = logging.getLogger(__name__)
 
 AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "seeds")
-# Fixed options a grid file may set (the command line's spelling, with underscores).
-SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows", "eval_batch_size",
-            "tasks", "limit", "batch_size", "dense", "dtype", "device", "group", "ria_exponent", "cvr_alpha",
-            "cvr_eps", "ec_clamp", "blocksize", "damp", "calib_batch_size", "reallocate")
+# Fixed options a grid file may set (the command line's spelling, with underscores); the
+# registered methods' constants (zpruner.registry.constants) are settings too.
+FIXED_SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows",
+                  "eval_batch_size", "tasks", "limit", "batch_size", "dense", "dtype", "device", "group",
+                  "calib_batch_size", "reallocate")
+
+
+def settings() -> tuple[str, ...]:
+    return (*FIXED_SETTINGS, *constants())
 
 
 # Grid list -> the PruneConfig field each value becomes.
@@ -88,10 +93,12 @@ class Grid:
                 setattr(self, name, value := [value])
             if not value:
                 raise ZprunerError(f"grid '{name}' is empty; give at least one value")
-        unknown = set(self.settings) - set(SETTINGS)
+        unknown = set(self.settings) - set(settings())
         if unknown:
             raise ZprunerError(f"grid setting(s) {', '.join(sorted(unknown))} unknown; "
-                               f"lists: {', '.join(AXES)}; settings: {', '.join(SETTINGS)}")
+                               f"lists: {', '.join(AXES)}; settings: {', '.join(settings())}")
+        if self.settings.get("limit") is not None and self.settings.get("tasks") is None:
+            raise ZprunerError("--limit sets up zero-shot tasks; add --tasks (e.g. --tasks paper)")
         check_protocol(self.settings.get("protocol"))
         # Every value alone, before any combination: a wrong type or range stops the sweep
         # with one line, and plan_grid's skipped list keeps only refused combinations.
@@ -100,25 +107,19 @@ class Grid:
                 check_prune_field(field_name, value)
         for model in self.models:
             check_str("model", model)
-        for method in self.methods:
-            check_method(method)
-        for update in self.updates:
-            check_update(update)
-        for text in self.patterns:
-            Pattern.parse(text)
         for name, value in self.settings.items():
             check_setting(name, value)
 
     def merged(self, overrides: dict[str, Any]) -> "Grid":
         """This grid with every non-None ``overrides`` value (command-line options) in place."""
         lists = {name: overrides.get(name) or getattr(self, name) for name in AXES}
-        settings = {**self.settings, **{k: v for k, v in overrides.items() if k in SETTINGS and v is not None}}
-        return Grid(**lists, settings=settings)
+        fixed = {**self.settings, **{k: v for k, v in overrides.items() if k in settings() and v is not None}}
+        return Grid(**lists, settings=fixed)
 
 
 def read_grid(path: str | os.PathLike) -> list[Grid]:
     """The grids of a .toml or .yaml/.yml file: the ``AXES`` as lists (or single values) and
-    the ``SETTINGS`` as single values at the top level; optionally a list ``grids`` of
+    the settings (``settings()``) as single values at the top level; optionally a list ``grids`` of
     tables, each a grid of its own on top of the top-level values (a paper's table is
     often a union: e.g. wanda, sparsegpt with update none, plus cvr with update ec)."""
     path = Path(path).expanduser()
@@ -191,46 +192,28 @@ def plan_grid(grid: Grid, data_dir: str | None = None) -> Plan:
     ``skipped`` instead of stopping the sweep; a method that uses no calibration data runs
     once, not once per calibration size and seed.
     """
-    s = grid.settings
-    protocol = s.get("protocol")
-    zero_shot = None
-    if s.get("tasks") is not None:
-        zero_shot = ZeroShotConfig(s["tasks"], s.get("limit"), s.get("batch_size") or ZeroShotConfig.batch_size)
+    options = dict(grid.settings)
+    protocol, dense = options.pop("protocol", None), options.pop("dense", True)
     configs: dict[str, RunConfig] = {}
     skipped: list[str] = []
     for model_name in grid.models:
-        model = ModelConfig(model_name, s.get("dtype", "auto"), s.get("device", "auto"))
-
-        def run_config(prune: PruneConfig | None, opts: dict) -> RunConfig:
-            evaluation = EvalConfig(s.get("eval_dataset", "wikitext2"), opts["eval_seqlen"], opts["eval_windows"],
-                                    s.get("eval_batch_size", 1))
-            return RunConfig(model, prune, evaluation, data_dir, zero_shot=zero_shot, protocol=protocol)
-
-        base = {"seqlen": s.get("seqlen"), "eval_seqlen": s.get("eval_seqlen"), "eval_windows": s.get("eval_windows")}
-        if s.get("dense", True):
-            dense = run_config(None, expand(protocol, base))
-            configs.setdefault(run_key(dense), dense)
+        common = {**options, "model": model_name, "data_dir": data_dir}
+        if dense:
+            config = RunConfig.from_options(protocol, prune=False, **common)
+            configs.setdefault(run_key(config), config)
         for nsamples, seed, method, update, pattern in itertools.product(
                 grid.nsamples, grid.seeds, grid.methods, grid.updates, grid.patterns):
-            opts = expand(protocol, {**base, "nsamples": nsamples})
             nm = Pattern.parse(pattern).is_nm
             for sparsity in [None] if nm else grid.sparsities:
                 try:
-                    prune = PruneConfig(method, sparsity, pattern, s.get("group"), opts["nsamples"],
-                                        opts["seqlen"], seed, s.get("calibration", "c4"), update,
-                                        bool(s.get("reallocate", False)), **_constants(s))
+                    config = RunConfig.from_options(protocol, **common, nsamples=nsamples, seed=seed, method=method,
+                                                    update=update, pattern=pattern, sparsity=sparsity)
                 except ZprunerError as exc:  # each value alone was checked: a combination
                     label = f"{model_name} {method} update={update} {pattern}" + ("" if nm else f" {sparsity}")
                     skipped.append(f"{label}: {exc}")
                     continue
-                config = run_config(prune, opts)  # a data-free method's key ignores calibration
-                configs.setdefault(run_key(config), config)
+                configs.setdefault(run_key(config), config)  # a data-free method's key ignores calibration
     return Plan(list(configs.values()), skipped)
-
-
-def _constants(settings: dict) -> dict:
-    names = ("ria_exponent", "cvr_alpha", "cvr_eps", "ec_clamp", "blocksize", "damp", "calib_batch_size")
-    return {name: settings[name] for name in names if settings.get(name) is not None}
 
 
 def read_done(path: Path) -> set[str]:

@@ -1,18 +1,42 @@
-"""Updates of the kept weights after a mask: ``update(W0, W, keep, ...) -> W'``, all [out, in].
+"""Updates of the kept weights after a mask: ``update(W0, W, keep, stats, ...) -> W'``, all [out, in].
 
-W0 is the dense layer before pruning, W the pruned one (W0 masked, or already
-reconstructed by SparseGPT), keep the mask (True = kept). Every update re-applies the
-mask, so the sparsity it was given is the sparsity it returns.
+W0 is the dense layer before pruning, W the pruned one (already reconstructed by a solver),
+or None for W0 masked by keep; keep is the mask (True = kept). Every update re-applies the
+mask, so the sparsity it was given is the sparsity it returns. Registered here: 'none' and
+energy compensation ('ec' = columns then rows, 'ec-col', 'ec-row'); SparseGPT's
+reconstruction registers itself in ``sparsegpt.py``.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ZprunerError
+from .registry import UPDATES, constant
 from .rowpass import Scratch, map_chunks, mask_as_float, sum_parts
 
-UPDATES = ("none", "ec", "ec-col", "ec-row", "sparsegpt")
-EC_AXES = {"ec": ("col", "row"), "ec-col": ("col",), "ec-row": ("row",)}
+
+def check_clamp(clamp: tuple[float, float]) -> None:
+    lo, hi = clamp
+    if not 0 <= lo <= 1 <= hi:
+        raise ZprunerError(
+            f"EC clamp range {lo},{hi} is invalid: it must contain 1 (no change), with 0 <= LO <= 1 <= HI; e.g. 0.5,2"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnergyConstants:
+    # default from the held-out experiment in experiments/open_constants.md
+    ec_clamp: tuple[float, float] = constant((0.8, 1.25), "bounds of the EC scale factors", check=check_clamp,
+                                             keyword="clamp")
+
+
+@UPDATES.register("none")
+def keep_only(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats=None) -> torch.Tensor:
+    """No correction: the pruned weights as they are."""
+    return W0 * keep if W is None else W
 
 
 def _gamma(e0: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -134,14 +158,12 @@ def energy_compensate_(
     return W
 
 
-def check_update(name: str) -> None:
-    if name not in UPDATES:
-        raise ZprunerError(f"update '{name}' is unknown; choose one of {', '.join(UPDATES)}")
+def _energy(axes: tuple[str, ...], W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats=None, *,
+            clamp: tuple[float, float]) -> torch.Tensor:
+    # W is the caller's own float32 copy (or None): EC may work in place
+    return energy_compensate_(W0, W, keep, axes, clamp)
 
 
-def check_clamp(clamp: tuple[float, float]) -> None:
-    lo, hi = clamp
-    if not 0 <= lo <= 1 <= hi:
-        raise ZprunerError(
-            f"EC clamp range {lo},{hi} is invalid: it must contain 1 (no change), with 0 <= LO <= 1 <= HI; e.g. 0.5,2"
-        )
+# In the order the statistical-correction paper's ablation adds them.
+for _name, _axes in (("ec-col", ("col",)), ("ec-row", ("row",)), ("ec", ("col", "row"))):
+    UPDATES.register(_name, constants=EnergyConstants)(functools.partial(_energy, _axes))
