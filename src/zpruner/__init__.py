@@ -3,8 +3,7 @@
     import zpruner
     model, tokenizer = zpruner.load_model(zpruner.ModelConfig("smollm2-135m"))
     cfg = zpruner.PruneConfig(method="wanda", sparsity=0.5, nsamples=32, seqlen=512)
-    texts = zpruner.load_texts("c4", data_dir="../shared/data")
-    calib = zpruner.calibration_windows(tokenizer, texts, cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = zpruner.calibration(tokenizer, cfg, data_dir="../shared/data")
     zpruner.prune(model, cfg, calib)
     print(zpruner.evaluate_tasks(model, tokenizer, "arc_easy,boolq", data_dir="../shared/data", limit=100))
 """
@@ -13,7 +12,7 @@ from importlib.metadata import version as _version
 # The built-in methods register themselves, in the order help texts and reports list them.
 from . import scores, updates, sparsegpt  # noqa: F401, I001
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
-from .data import calibration_windows, eval_tokens, load_texts
+from .data import calibration, calibration_windows, eval_tokens, load_texts
 from .errors import ZprunerError
 from .evaluate import perplexity
 from .layers import measure_sparsity
@@ -31,6 +30,7 @@ __all__ = [
     "RunConfig",
     "ZeroShotConfig",
     "ZprunerError",
+    "calibration",
     "calibration_windows",
     "eval_tokens",
     "evaluate_tasks",

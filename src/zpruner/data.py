@@ -142,6 +142,16 @@ def calibration_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int,
     return torch.stack(windows)
 
 
+def calibration(tokenizer, config, data_dir: str | os.PathLike | None = None) -> torch.Tensor | None:
+    """The calibration windows a ``PruneConfig`` asks for: ``config.nsamples`` windows of
+    ``config.seqlen`` tokens of ``config.calibration`` drawn with ``config.seed``, read from
+    ``data_dir`` (None: $ZPRUNER_DATA_DIR, else the hub); None when its method reads no data."""
+    if not config.needs_calibration:
+        return None
+    texts = load_texts(config.calibration, data_dir)
+    return calibration_windows(tokenizer, texts, config.nsamples, config.seqlen, config.seed)
+
+
 def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
     """The evaluation corpus as one sequence [1, N]: rows joined by blank lines, tokenised once."""
     return _encode(tokenizer, "\n\n".join(texts))[None]

@@ -205,3 +205,25 @@ def save_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def create_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None],
+                         accept_existing: Callable[[Path], bool]) -> Path:
+    """Create the new folder ``target`` with ``write(folder)`` in a temporary sibling, then
+    one rename, so no reader ever sees it half written (a shared cache). When another process
+    created ``target`` meanwhile, theirs is kept if ``accept_existing(target)``; else the
+    rename's error is raised."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
+    try:
+        _open_mode(tmp, 0o777)
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not accept_existing(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

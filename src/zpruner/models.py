@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ZprunerError
+from .io import create_folder_atomic
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +159,14 @@ def convert_gguf(path: Path) -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path), "files": files}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished the same conversion first
-            if _cache_damage(target) is not None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        (folder / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path), "files": files}) + "\n")
+
+    # another process may finish the same conversion first: its complete copy is as good
+    return create_folder_atomic(target, write, lambda existing: _cache_damage(existing) is None)
 
 
 def load_model(config: ModelConfig) -> tuple[nn.Module, object]:

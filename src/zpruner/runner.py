@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
-from .data import calibration_windows, eval_tokens, load_texts, token_digest
+from .data import calibration as calibration_of
+from .data import eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
 from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
@@ -156,9 +157,7 @@ class Workspace:
         if not config.needs_calibration:
             return None
         key = ("calibration", config.calibration, config.nsamples, config.seqlen, config.seed)
-        return self._cached(key, lambda: calibration_windows(
-            self.tokenizer, load_texts(config.calibration, self.data_dir), config.nsamples, config.seqlen,
-            config.seed))
+        return self._cached(key, lambda: calibration_of(self.tokenizer, config, self.data_dir))
 
     def eval_tokens(self, dataset: str) -> tuple[torch.Tensor, str]:
         def build():

@@ -181,7 +181,7 @@ def load_tasks(tasks: Iterable[str], data_dir: str | os.PathLike | None = None) 
                 loaded.update(manager.load([name])["tasks"])
             except Exception as exc:  # datasets and the hub client raise many types; all mean "unreadable"
                 where = f"from {local_file}" if local_file else "from the Hugging Face hub"
-                hint = ("check the file against the layout of shared/data/README.md" if local_file else
+                hint = ("check the file against the layout in zpruner's README, \"Data: offline and online\"" if local_file else
                         "offline, pass --data-dir (or set $ZPRUNER_DATA_DIR) to a folder with tasks/ like shared/data")
                 raise ZprunerError(f"could not load zero-shot task {name} {where} ({_root_cause(exc)}); {hint}") from exc
             task = loaded[name]
