@@ -11,6 +11,7 @@ from .config import PruneConfig as _Defaults
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe, expand
+from .results import RunResult
 from .scores import method_names
 from .updates import UPDATES
 from .zeroshot import TASK_SETS, TASKS
@@ -278,7 +279,8 @@ def grid_from_args(args: argparse.Namespace):
 def sweep_main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sweep import adopt, plan, read_done, run_key, run_sweep
+    from .results import run_key
+    from .sweep import adopt, plan, read_done, run_sweep
     from .sweep import describe as describe_run
 
     check_output_file("--results", args.results)
@@ -338,29 +340,29 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      getattr(args, "overwrite", False))
 
 
-def format_summary(results: dict) -> str:
-    cfg = results["config"]
-    lines = [f"model       {cfg['model']['name']}"]
-    if cfg["prune"]:
-        p = cfg["prune"]
+def format_summary(results: RunResult | dict) -> str:
+    result = results if isinstance(results, RunResult) else RunResult.from_dict(results)
+    p = result.prune
+    lines = [f"model       {result.model_name}"]
+    if p:
         lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
                      f"pattern {p['pattern']}")
-    lines.append(f"sparsity    {100 * results['sparsity']['overall']:.2f} % of block linear weights are zero")
-    for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned" if cfg["prune"] else "model")):
-        proto = results.get(key + "_protocol")
+    lines.append(f"sparsity    {100 * result.sparsity['overall']:.2f} % of block linear weights are zero")
+    for prefix, label in (("dense_", "dense"), ("", "pruned" if p else "model")):
+        proto = result.ppl_protocol(prefix)
         if proto:
             value = "not finite" if proto["value"] is None else f"{proto['value']:10.3f}"
             lines.append(f"perplexity  {label:<7}{value:>10}   ({proto['windows']} windows x {proto['seqlen']} tokens)")
-    lines += _zero_shot_table(results)
-    lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items()))
+    lines += _zero_shot_table(result)
+    lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
     return "\n".join(lines)
 
 
-def _zero_shot_table(results: dict) -> list[str]:
+def _zero_shot_table(result: RunResult) -> list[str]:
     """One row per task: its metric, value ± standard error per measured model, items; then the average."""
-    label = "pruned" if results["config"]["prune"] else "model"
-    columns = [(name, results[key]) for key, name in (("dense_zero_shot", "dense"), ("zero_shot", label))
-               if key in results]
+    label = "pruned" if result.prune else "model"
+    columns = [(name, zs) for zs, name in ((result.dense_zero_shot, "dense"), (result.zero_shot, label))
+               if zs is not None]
     if not columns:
         return []
     first = columns[0][1]
