@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zpruner import rowpass
-from zpruner.config import Pattern
+from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, keep_mask
 from zpruner.scores import cvr, ria, wanda, zpruner
 from zpruner.sparsegpt import sparsegpt

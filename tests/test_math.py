@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from zpruner.config import Pattern
+from zpruner.masks import Pattern
 from zpruner.errors import ZprunerError
 from zpruner.masks import keep_mask
 from zpruner.scores import get_score, magnitude, wanda

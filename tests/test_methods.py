@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_tiny_model
 from zpruner import PruneConfig, prune
-from zpruner.config import Pattern
+from zpruner.masks import Pattern
 from zpruner.errors import ZprunerError
 from zpruner.layers import iter_prunable, weight_view
 from zpruner.masks import keep_mask

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zpruner.config import Pattern
+from zpruner.masks import Pattern
 from zpruner.masks import keep_mask, n_pruned
 from zpruner.sparsegpt import sparsegpt
 from zpruner.updates import energy_compensate

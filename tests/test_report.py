@@ -1,5 +1,6 @@
 """zpruner report: tables, grouping by protocol, dedupe, plots and input errors, on a fixed
-hand-written results file (tests/data/report_results.jsonl)."""
+hand-written results file (tests/data/report_results.jsonl, schema 1, as an older zpruner
+wrote it). Tables are read from the report.md that write_report (``zpruner report``) writes."""
 import copy
 import json
 import logging
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from zpruner.errors import ZprunerError
-from zpruner.report import build_tables, dedupe, load_results, method_label, write_report
+from zpruner.report import method_label, write_report
+from zpruner.results import SCHEMA_VERSION, RunResult, dedupe, load_results
 
 FIXTURE = Path(__file__).parent / "data" / "report_results.jsonl"
 PNG = b"\x89PNG"
@@ -35,16 +37,6 @@ def table(section: str, title: str) -> tuple[list[str], dict[str, list[str]], st
     return cells[0], {row[0]: row[1:] for row in cells[2:]}, protocol
 
 
-@pytest.fixture(scope="module")
-def results():
-    return load_results([FIXTURE])
-
-
-@pytest.fixture(scope="module")
-def markdown(results):
-    return build_tables(results)
-
-
 def lines_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -52,6 +44,29 @@ def lines_of(path: Path) -> list[dict]:
 def write_lines(path: Path, lines: list[dict]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def report_of(folder: Path, lines: list[dict], name: str = "results") -> str:
+    """report.md as ``zpruner report`` writes it for a results file holding ``lines``."""
+    write_report([write_lines(folder / f"{name}.jsonl", lines)], folder / name)
+    return (folder / name / "report.md").read_text()
+
+
+def tables_of(markdown: str) -> str:
+    """The report below its list of input files."""
+    return markdown.split("\n## ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return load_results([FIXTURE]).results
+
+
+@pytest.fixture(scope="module")
+def markdown(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fixture_report")
+    write_report([FIXTURE], out)
+    return (out / "report.md").read_text()
 
 
 def test_method_label():
@@ -77,6 +92,32 @@ def test_table1_cells_columns_and_seed_mean(markdown):
     assert "no calibration data used by magnitude" in protocol
     # dense + 17 pruned at 50 % and N:M, the duplicate line counted once
     assert protocol.endswith("Results used: 18.")
+
+
+def test_an_old_results_file_reads_unchanged(markdown):
+    """The fixture was written by an older zpruner: every line round-trips through RunResult
+    exactly (absent keys stay absent, order kept), and its report has the Table 1 it had."""
+    lines = [line for line in FIXTURE.read_text().splitlines() if line.strip()]
+    for line in lines:
+        result = RunResult.from_dict(json.loads(line))
+        assert result.schema_version == 1 <= SCHEMA_VERSION and not result.extra
+        assert json.dumps(result.to_dict()) == line
+    newer = {**json.loads(lines[1]), "written_by_a_newer_zpruner": {"x": 1}}
+    assert RunResult.from_dict(newer).to_dict() == newer
+    _, rows, _ = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 1")
+    assert rows == {"dense": ["29.93", "29.93", "29.93"], "magnitude": ["519.77", "", ""],
+                    "wanda": ["67.13 (2 seeds, ±0.41 std)", "109.22", "195.17"],
+                    "sparsegpt": ["61.02", "85.32", "119.70"], "cvr": ["81.95", "153.76", "326.55"],
+                    "cvr+ec-col": ["83.10", "155.40", "330.12"], "cvr+ec": ["85.51", "160.24", "345.86"]}
+
+
+def test_calibration_use_comes_from_the_configuration(tmp_path, markdown):
+    """Whether a result read calibration data is its configuration's to say, not guessed from
+    the calibration digest being present: without digests the report is the same."""
+    lines = lines_of(FIXTURE)
+    for line in lines:
+        line.pop("calibration_sha256_16", None)
+    assert tables_of(report_of(tmp_path, lines)) == tables_of(markdown)
 
 
 def test_other_eval_protocol_is_its_own_group(markdown):
@@ -106,14 +147,14 @@ def test_ablation_needs_wanda_and_the_cvr_score(tmp_path):
     lines = [line for line in lines_of(FIXTURE)
              if line["config"]["prune"] is None or line["config"]["prune"]["method"] == "sparsegpt"
              or line["run_key"] == "wanda-none-2:4"]
-    assert "Table 5" not in build_tables(lines)
+    assert "Table 5" not in report_of(tmp_path, lines, "a")
     # Wanda and full CVR+EC without the CVR-score step are Table 1 rows, not an ablation
     with_ec = next(line for line in lines_of(FIXTURE) if line["config"]["prune"] and
                    line["config"]["prune"]["method"] == "cvr" and line["config"]["prune"]["update"] == "ec"
                    and line["config"]["prune"]["pattern"] == "2:4")
-    assert "Table 5" not in build_tables([*lines, with_ec])
+    assert "Table 5" not in report_of(tmp_path, [*lines, with_ec], "b")
     lines.append(next(line for line in lines_of(FIXTURE) if line["run_key"] == "cvr-none-2:4"))
-    assert "Table 5" in build_tables(lines)
+    assert "Table 5" in report_of(tmp_path, lines, "c")
 
 
 def test_sparsity_table_only_with_two_sparsities(markdown):
@@ -144,7 +185,7 @@ def test_calibration_size_table(markdown):
     assert "64, 128 samples × 512 tokens" in protocol and "Results used: 6." in protocol
 
 
-def test_dedupe(tmp_path, results):
+def test_dedupe(tmp_path, results, markdown):
     assert len(results) == 27 and len(dedupe(results)) == 26  # the fixture repeats one sweep line
     dense = lines_of(FIXTURE)[0]
     dense["config"]["output_json"] = "/somewhere/else/dense.json"
@@ -153,38 +194,43 @@ def test_dedupe(tmp_path, results):
     single = tmp_path / "dense.json"
     single.write_text(json.dumps(dense, indent=2))
     twice = load_results([FIXTURE, FIXTURE, single])
-    assert len(dedupe(twice)) == 26
-    assert build_tables(twice) == build_tables(results)
+    assert twice.inputs == [(str(FIXTURE), 27), (str(FIXTURE), 27), (str(single), 1)]
+    assert len(dedupe(twice.results)) == 26
+    write_report([FIXTURE, FIXTURE, single], tmp_path / "twice")
+    text = (tmp_path / "twice" / "report.md").read_text()
+    assert "from 26 distinct results (55 read" in text and tables_of(text) == tables_of(markdown)
     # another seed is another result, not a duplicate
     other_seed = copy.deepcopy(lines_of(FIXTURE)[2])
     other_seed["config"]["prune"]["seed"] = 7
-    assert len(dedupe([*results, other_seed])) == 27
+    assert len(dedupe([*results, RunResult.from_dict(other_seed)])) == 27
 
 
-def test_different_constants_are_not_averaged(results):
-    variant = copy.deepcopy(next(r for r in results if r.get("run_key") == "cvr-ec-50"))
+def test_different_constants_are_not_averaged(tmp_path):
+    lines = lines_of(FIXTURE)
+    variant = copy.deepcopy(next(r for r in lines if r.get("run_key") == "cvr-ec-50"))
     variant["config"]["prune"]["cvr_alpha"] = 0.5
     variant["perplexity_protocol"]["value"] = 90.0
-    _, rows, _ = table(group(build_tables([*results, variant]), "c4 64 × 512, wikitext2 64"), "Table 1")
+    _, rows, _ = table(group(report_of(tmp_path, [*lines, variant], "a"), "c4 64 × 512, wikitext2 64"), "Table 1")
     assert rows["cvr+ec (cvr_alpha=1.0)"][0] == "85.51"
     assert rows["cvr+ec (cvr_alpha=0.5)"][0] == "90.00"
     # a constant the method does not use (CVR's alpha for Wanda) does not make another method
-    wanda = copy.deepcopy(next(r for r in results if r.get("run_key") == "wanda-none-2:4"))
+    wanda = copy.deepcopy(next(r for r in lines if r.get("run_key") == "wanda-none-2:4"))
     wanda["config"]["prune"]["cvr_alpha"] = 0.5
     wanda["config"]["prune"]["ec_clamp"] = [0.5, 2.0]
-    _, rows, _ = table(group(build_tables([*results, wanda]), "c4 64 × 512, wikitext2 64"), "Table 1")
+    _, rows, _ = table(group(report_of(tmp_path, [*lines, wanda], "b"), "c4 64 × 512, wikitext2 64"), "Table 1")
     assert [label for label in rows if label.startswith("wanda")] == ["wanda"]
     # ... nor another configuration: it is the same run, counted once
     assert rows["wanda"][2] == "195.17"
 
 
-def test_zero_shot_limits_are_separate_tables(results):
-    other = copy.deepcopy(next(r for r in results if r.get("run_key") == "cvr-ec-50-n128"))
+def test_zero_shot_limits_are_separate_tables(tmp_path):
+    lines = lines_of(FIXTURE)
+    other = copy.deepcopy(next(r for r in lines if r.get("run_key") == "cvr-ec-50-n128"))
     other["config"]["zero_shot"]["limit"] = 50
     for task in ("boolq", "arc_easy"):
         other["zero_shot"][task]["n"] = other["dense_zero_shot"][task]["n"] = 50
     other["zero_shot"]["boolq"]["acc"] = 0.5
-    section = group(build_tables([*results, other]), "c4 128 × 512")
+    section = group(report_of(tmp_path, [*lines, other]), "c4 128 × 512")
     tables = section.split("### Table 2")[1:]
     assert len(tables) == 2
     assert "zero-shot limit 100, 100 items per task" in tables[0] and "| 57.00 |" in tables[0]
@@ -226,8 +272,7 @@ def test_no_plot_without_data(tmp_path):
 
 
 def test_dense_only_input(tmp_path):
-    path = write_lines(tmp_path / "dense.jsonl", lines_of(FIXTURE)[:1])
-    _, rows, protocol = table(build_tables(load_results([path])), "Dense perplexity")
+    _, rows, protocol = table(report_of(tmp_path, lines_of(FIXTURE)[:1]), "Dense perplexity")
     assert rows == {"dense": ["29.93"]} and "calibration" not in protocol
 
 
@@ -242,7 +287,7 @@ def test_cut_off_line_is_skipped_with_a_notice(tmp_path, caplog, monkeypatch):
     first = FIXTURE.read_text().splitlines()[0]
     path.write_text(first + "\n\n" + first[: len(first) // 2])  # a sweep killed while appending
     with caplog.at_level("WARNING", logger="zpruner"):
-        assert len(load_results([path])) == 1
+        assert len(load_results([path]).results) == 1
     assert "killed.jsonl: line 3 is not valid JSON" in caplog.text
 
 
@@ -289,17 +334,18 @@ def test_report_command_writes_next_to_the_results_by_default(capsys, tmp_path):
     assert not (tmp_path / "out" / "report.md").exists()
 
 
-def test_perplexity_measured_again_with_zero_shot_counts_once(results):
+def test_perplexity_measured_again_with_zero_shot_counts_once(tmp_path):
     """The same pruning re-run with zero-shot tasks added: its zero-shot numbers make Table 2,
     its repeated perplexity does not make Table 1 a two-run mean."""
-    sweep_line = next(r for r in results if r.get("run_key") == "wanda-none-2:4")
+    lines = lines_of(FIXTURE)
+    sweep_line = next(r for r in lines if r.get("run_key") == "wanda-none-2:4")
     again = copy.deepcopy(sweep_line)
     again["config"]["zero_shot"] = {"tasks": ["boolq"], "limit": 50, "batch_size": 8}
     again["perplexity_protocol"]["value"] = 199.0
     again["zero_shot"] = {"boolq": {"acc": 0.5, "acc_stderr": 0.07, "acc_norm": None, "acc_norm_stderr": None,
                                     "n": 50, "metric": "acc", "source": "local"},
                           "average": 0.5, "skipped": {}}
-    markdown = build_tables([*results, again])
+    markdown = report_of(tmp_path, [*lines, again])
     _, rows, _ = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 1")
     assert rows["wanda"][2] == "195.17"
     _, rows, protocol = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 2")

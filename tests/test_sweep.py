@@ -8,8 +8,9 @@ from zpruner.cli import build_parser, config_from_args, main
 from zpruner.config import ModelConfig, PruneConfig, RunConfig
 from zpruner.errors import ZprunerError
 from zpruner.protocols import PROTOCOLS, expand
+from zpruner.results import run_key
 from zpruner.runner import Workspace, run
-from zpruner.sweep import plan, read_grid, run_key
+from zpruner.sweep import plan, read_grid
 
 
 def sweep_args(model_dir, data_dir, results, *extra):

@@ -11,6 +11,7 @@ from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
 from .registry import UPDATES, Constant, constants, method_names
+from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
 
 
@@ -287,7 +288,8 @@ def grid_from_args(args: argparse.Namespace):
 def sweep_main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sweep import adopt, plan, read_done, run_key, run_sweep
+    from .results import run_key
+    from .sweep import adopt, plan, read_done, run_sweep
     from .sweep import describe as describe_run
 
     check_output_file("--results", args.results)
@@ -328,46 +330,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run the options ask for: RunConfig.from_options, which the sweep uses too."""
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "protocol")}
     return RunConfig.from_options(args.protocol, prune=args.command == "prune", **options)
-
-
-def format_summary(results: dict) -> str:
-    cfg = results["config"]
-    lines = [f"model       {cfg['model']['name']}"]
-    if cfg["prune"]:
-        p = cfg["prune"]
-        lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
-                     f"pattern {p['pattern']}")
-    lines.append(f"sparsity    {100 * results['sparsity']['overall']:.2f} % of block linear weights are zero")
-    for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned" if cfg["prune"] else "model")):
-        proto = results.get(key + "_protocol")
-        if proto:
-            value = "not finite" if proto["value"] is None else f"{proto['value']:10.3f}"
-            lines.append(f"perplexity  {label:<7}{value:>10}   ({proto['windows']} windows x {proto['seqlen']} tokens)")
-    lines += _zero_shot_table(results)
-    lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items()))
-    return "\n".join(lines)
-
-
-def _zero_shot_table(results: dict) -> list[str]:
-    """One row per task: its metric, value ± standard error per measured model, items; then the average."""
-    label = "pruned" if results["config"]["prune"] else "model"
-    columns = [(name, results[key]) for key, name in (("dense_zero_shot", "dense"), ("zero_shot", label))
-               if key in results]
-    if not columns:
-        return []
-    first = columns[0][1]
-    tasks = [name for name in first if name not in ("average", "skipped")]
-    lines = [f"zero-shot   {'task':<15}{'metric':<9}" + "".join(f"{name:>17}" for name, _ in columns) + f"{'n':>7}"]
-    for task in tasks:
-        cells = ""
-        for _, entry in columns:
-            metric = entry[task]["metric"]
-            stderr = entry[task][metric + "_stderr"]
-            cells += f"{entry[task][metric]:>10.4f}" + (f" ±{stderr:.3f}" if stderr is not None else " " * 7)
-        lines.append(f"            {task:<15}{first[task]['metric']:<9}{cells}{first[task]['n']:>7}")
-    lines.append(f"            {'average':<15}{'':<9}" + "".join(f"{entry['average']:>10.4f}{'':7}" for _, entry in columns))
-    lines += [f"            skipped {task}: {reason}" for task, reason in first["skipped"].items()]
-    return [line.rstrip() for line in lines]
 
 
 def main(argv: list[str] | None = None) -> int:

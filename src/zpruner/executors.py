@@ -7,13 +7,13 @@ file, so resume, ``--dry-run``, ``--adopt`` and ``zpruner report`` do not depend
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import __version__
 from .config import RunConfig
 from .errors import ZprunerError
 
@@ -205,7 +205,7 @@ class RayExecutor:
                     if getattr(exc, "actor_init_failed", False):  # it never started: so will none on that node
                         detail = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
                         raise ZprunerError(f"a Ray worker could not start ({detail}); every node needs zpruner "
-                                           f"{__version__} installed in the environment Ray runs") from None
+                                           f"{importlib.metadata.version('zpruner')} installed in the environment Ray runs") from None
                     ray.kill(slots[index][0])
                     slots[index] = [None, None]  # a new one when there is work for it
                     deaths[id(config)] = deaths.get(id(config), 0) + 1

@@ -12,9 +12,7 @@ model and protocol, as its own line.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import itertools
-import json
 import logging
 import os
 import tomllib
@@ -26,13 +24,13 @@ from typing import Any
 import yaml
 
 from .checks import check_bool, check_int, check_str
-from .config import PruneConfig, RunConfig, ZeroShotConfig, check_prune_field
+from .config import RunConfig, ZeroShotConfig, check_prune_field
 from .errors import ZprunerError
 from .io import check_output_file, dumps_json
 from .masks import Pattern
 from .protocols import check_protocol
 from .registry import constants
-from .results import replace_non_finite
+from .results import NOT_JSON, RunResult, config_key, json_lines, read_result, replace_non_finite, run_key
 
 log = logging.getLogger(__name__)
 
@@ -147,26 +145,6 @@ def read_grid(path: str | os.PathLike) -> list[Grid]:
     return grids
 
 
-def run_key(config: RunConfig | dict) -> str:
-    """16 hex digits naming what a run measures: the model, the pruning configuration's
-    ``identity``, the evaluation and zero-shot settings; not where its data or outputs
-    live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
-    lack newer fields: absent and None count the same)."""
-    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "overwrite", "protocol", "schema_version", "dense_baseline"):
-        d.pop(name, None)
-    if d.get("prune") is not None:
-        d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
-    d = _without_none(json.loads(json.dumps(d)))
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _without_none(value):
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    return value
-
-
 @dataclass
 class Plan:
     configs: list[RunConfig]
@@ -223,14 +201,14 @@ def read_done(path: Path) -> set[str]:
     done: set[str] = set()
     if not path.exists():
         return done
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, parsed in json_lines(path.read_text(encoding="utf-8")):
+        if parsed is not NOT_JSON:
             try:
-                done.add(run_key(json.loads(line)["config"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ZprunerError):
-                log.warning("%s:%d is not a sweep result line; ignored", path, lineno)
+                done.add(config_key(parsed))
+                continue
+            except ZprunerError:
+                pass
+        log.warning("%s:%d is not a sweep result line; ignored", path, lineno)
     return done
 
 
@@ -258,17 +236,14 @@ def adopt(paths: list[str | os.PathLike], results: str | os.PathLike) -> list[st
     done = read_done(path)
     added = []
     for source in paths:
-        try:
-            result = json.loads(Path(source).read_text(encoding="utf-8"))
-            key = run_key(result["config"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ZprunerError(f"{source} is not a results file written by --output-json ({exc})") from None
+        result = read_result(source)
+        key = config_key(result)
         if key in done:
             continue
         done.add(key)
-        replace_non_finite(result)  # files written before zpruner refused NaN may hold one
-        append_line(path, {"run_key": key, "protocol": result["config"].get("protocol"), "adopted_from": str(source),
-                           **result})
+        line = result.to_dict()
+        replace_non_finite(line)  # files written before zpruner refused NaN may hold one
+        append_line(path, RunResult.from_dict(line).sweep_line(key, result.config.get("protocol"), str(source)))
         added.append(str(source))
     return added
 
@@ -323,11 +298,11 @@ def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bo
                 summary.failed.append(f"{describe(config)}: {outcome.error}")
                 line = f"[{i}/{len(todo)}] {key} {describe(config)}: failed: {outcome.error}"
             else:
-                result = outcome.result
-                append_line(path, {"run_key": key, "protocol": config.protocol, **result})
+                result = RunResult.from_dict(outcome.result)
+                append_line(path, result.sweep_line(key, config.protocol))
                 summary.ran.append(describe(config))
-                ppl = result.get("perplexity_protocol", {}).get("value")
-                zs = result.get("zero_shot", {}).get("average")
+                ppl = result.ppl()
+                zs = (result.zero_shot or {}).get("average")
                 line = (f"[{i}/{len(todo)}] {key} {describe(config)}"
                         + (f"  ppl {ppl:.3f}" if ppl is not None else "")
                         + (f"  zero-shot avg {zs:.4f}" if zs is not None else "")

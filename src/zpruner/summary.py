@@ -1,0 +1,44 @@
+"""The few lines ``zpruner prune`` and ``zpruner eval`` print when a run is done."""
+from __future__ import annotations
+
+from .results import RunResult
+
+
+def format_summary(results: RunResult | dict) -> str:
+    result = results if isinstance(results, RunResult) else RunResult.from_dict(results)
+    p = result.prune
+    lines = [f"model       {result.model_name}"]
+    if p:
+        lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
+                     f"pattern {p['pattern']}")
+    lines.append(f"sparsity    {100 * result.sparsity['overall']:.2f} % of block linear weights are zero")
+    for prefix, label in (("dense_", "dense"), ("", "pruned" if p else "model")):
+        proto = result.ppl_protocol(prefix)
+        if proto:
+            value = "not finite" if proto["value"] is None else f"{proto['value']:10.3f}"
+            lines.append(f"perplexity  {label:<7}{value:>10}   ({proto['windows']} windows x {proto['seqlen']} tokens)")
+    lines += _zero_shot_table(result)
+    lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
+    return "\n".join(lines)
+
+
+def _zero_shot_table(result: RunResult) -> list[str]:
+    """One row per task: its metric, value ± standard error per measured model, items; then the average."""
+    label = "pruned" if result.prune else "model"
+    columns = [(name, zs) for zs, name in ((result.dense_zero_shot, "dense"), (result.zero_shot, label))
+               if zs is not None]
+    if not columns:
+        return []
+    first = columns[0][1]
+    tasks = [name for name in first if name not in ("average", "skipped")]
+    lines = [f"zero-shot   {'task':<15}{'metric':<9}" + "".join(f"{name:>17}" for name, _ in columns) + f"{'n':>7}"]
+    for task in tasks:
+        cells = ""
+        for _, entry in columns:
+            metric = entry[task]["metric"]
+            stderr = entry[task][metric + "_stderr"]
+            cells += f"{entry[task][metric]:>10.4f}" + (f" ±{stderr:.3f}" if stderr is not None else " " * 7)
+        lines.append(f"            {task:<15}{first[task]['metric']:<9}{cells}{first[task]['n']:>7}")
+    lines.append(f"            {'average':<15}{'':<9}" + "".join(f"{entry['average']:>10.4f}{'':7}" for _, entry in columns))
+    lines += [f"            skipped {task}: {reason}" for task, reason in first["skipped"].items()]
+    return [line.rstrip() for line in lines]
