@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zpruner.runner
+import zpruner.workspace
 from zpruner.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -295,7 +296,7 @@ def run_case(case: Case, ctx: Ctx, capsys, monkeypatch) -> tuple[int, str]:
     while argv[0].startswith("env:"):
         name, value = argv.pop(0)[4:].split("=", 1)
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(zpruner.runner, "prune", _interrupt if case.code == 130 else _never_prune)
+    monkeypatch.setattr(zpruner.workspace, "prune", _interrupt if case.code == 130 else _never_prune)
     before = sorted(p.relative_to(ctx.tmp) for p in ctx.tmp.rglob("*"))
     try:
         code = main(argv)

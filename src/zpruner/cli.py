@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 
-from .config import DTYPES, GROUPS, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
+from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
@@ -76,6 +76,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                     + ModelConfig.device)
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow a hub model's own code to run")
+    g.add_argument("--offload", choices=OFFLOAD_MODES,
+                   help="where the weights live: none = all on the device; cpu = in CPU memory, one block at a time "
+                        "on the GPU; disk = read from the model's files one block at a time (models larger than "
+                        "memory); auto = none if it fits with a margin, else cpu (GPU) or disk. Default: auto")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -167,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_constant_option(c, constant)
     g.add_argument("--save", metavar="DIR",
                    help="write the pruned model here (safetensors, loadable by transformers): a new or empty folder")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="--offload disk: continue the unfinished run of the same options from its last finished "
+                        "block (the result is the same as an uninterrupted run)")
+    g.add_argument("--work-dir", metavar="DIR",
+                   help="--offload disk: checkpoints of the pruned blocks; default: beside --save, else in the "
+                        "temp folder")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
                         "no other folder is ever replaced")

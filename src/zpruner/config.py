@@ -19,6 +19,7 @@ from .zeroshot import parse_tasks
 SCHEMA_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("row", "layer")
+OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 CALIB_BATCH_TOKENS = 4096
 
 
@@ -274,9 +275,25 @@ class RunConfig:
     zero_shot: ZeroShotConfig | None = None
     protocol: str | None = None  # the preset the options were expanded from (zpruner.protocols), for the record
     overwrite: bool = False  # let ``save`` replace a previous zpruner output (never any other folder)
+    # Where the weights live (zpruner.offload): auto, none, cpu or disk; execution details,
+    # like the three below, that never change a result (they are not part of run keys).
+    offload: str = "auto"
+    resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
+    work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
+        if self.offload not in OFFLOAD_MODES:
+            raise ZprunerError(f"offload '{self.offload}' is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
+        check_bool("resume", self.resume)
+        if self.work_dir is not None:
+            check_str("work_dir", self.work_dir)
+        if self.resume and self.prune is None:
+            raise ZprunerError("--resume continues an unfinished pruning run; 'zpruner eval' has nothing to resume")
+        if self.zero_shot is not None and self.offload == "disk":
+            raise ZprunerError(STREAMED_ZERO_SHOT)
+        if self.resume and self.offload != "disk":
+            raise ZprunerError("--resume needs --offload disk: only a run streamed from disk keeps checkpoints")
 
     @classmethod
     def from_options(cls, protocol: str | None = None, *, prune: bool = True, **options) -> "RunConfig":
@@ -322,4 +339,8 @@ MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_r
 EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
 ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
 PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
-RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite")
+RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite", "offload", "resume", "work_dir")
+EXECUTION_OPTIONS = ("offload", "resume", "work_dir")  # never part of a run key
+STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "
+                      "is streamed from disk (--offload disk); measure the saved pruned model with 'zpruner eval "
+                      "--tasks ...' on a machine it fits, or drop --tasks")

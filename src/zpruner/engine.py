@@ -9,17 +9,24 @@ once more, hooks off, to produce the next block's inputs from the edited weights
 Calibration samples travel in batches of ``batch_size``: the model itself is called on each
 batch to capture the first block's arguments, so attention masks and position tensors
 have the batch's shape whatever the model family does with them.
+
+Where the blocks live is ``offload.Blocks``'s business: in memory, moved to the GPU one at
+a time, or read from disk one at a time; the engine only asks for block i and says when it
+is done with it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import ZprunerError
 from .layers import find_blocks
+from .offload import Blocks
 from .progress import bar
 
 Forward = Callable[..., "list[torch.Tensor] | None"]
@@ -42,14 +49,15 @@ class BlockCall:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_key: str | None = None  # set when the model passes hidden states by keyword
+    returns_tuple: bool = False  # the block returned (hidden, ...), as transformers < 5 and some families do
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.hidden_key is None:
             out = block(hidden, *self.args, **self.kwargs)
         else:
             out = block(*self.args, **{**self.kwargs, self.hidden_key: hidden})
-        # transformers < 5 returned (hidden, ...) tuples from decoder layers.
-        return out[0] if isinstance(out, (tuple, list)) else out
+        self.returns_tuple = isinstance(out, (tuple, list))
+        return out[0] if self.returns_tuple else out
 
 
 def _share_equal(value: Any, previous: Any) -> Any:
@@ -70,7 +78,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, samples: torch.Tensor, progress: bool = True, batch_size: int = 1
+    model: nn.Module, samples: torch.Tensor, progress: bool = True, batch_size: int = 1,
+    device: torch.device | None = None,
 ) -> tuple[list[torch.Tensor], list[BlockCall]]:
     """Run the model up to its first block for each batch of ``batch_size`` samples
     (samples: [n, seqlen] token ids; the last batch may be smaller).
@@ -97,7 +106,7 @@ def capture_block_inputs(
         calls.append(call)
         raise _Captured
 
-    device = model_device(model)
+    device = device if device is not None else model_device(model)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in bar(samples.split(batch_size), desc="capture inputs", unit="batch", disable=not progress,
@@ -114,7 +123,9 @@ def capture_block_inputs(
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True,
-    batch_size: int = 1, last_outputs: bool = True,
+    batch_size: int = 1, last_outputs: bool = True, blocks: Blocks | None = None,
+    after: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
+    resume: tuple[int, list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Carry ``samples`` through every decoder block, ``batch_size`` at a time; returns the
     last block's outputs per batch ([b, seqlen, hidden] each, in sample order).
@@ -123,20 +134,81 @@ def run_layerwise(
     the blocks advance), one batch's activations inside the block, plus whatever ``visit``
     keeps for the current block. ``last_outputs=False`` skips the last block's final run
     (pruning needs no outputs after it) and returns its inputs instead.
+    ``blocks``: where the blocks live (default: all in memory). ``after(i, block, hidden)``
+    runs once block i is final and ``hidden`` holds the next block's inputs (a checkpoint);
+    ``resume=(k, hidden)`` starts at block k with those inputs (from such a checkpoint).
     """
-    blocks = find_blocks(model)
+    blocks = blocks if blocks is not None else Blocks(model, model_device(model))
     was_training = model.training
     model.eval()  # dropout off: block outputs must be the model's deterministic ones
     try:
-        hidden, calls = capture_block_inputs(model, samples, progress, batch_size)
-        for i, block in enumerate(bar(blocks, desc="blocks", unit="block", disable=not progress)):
+        with blocks.outside():
+            hidden, calls = capture_block_inputs(model, samples, progress, batch_size, blocks.device)
+        start = 0
+        if resume is not None:
+            start, saved = resume
+            if [h.shape for h in saved] != [h.shape for h in hidden]:
+                raise ZprunerError("the checkpoint's activations do not match this run's calibration batches")
+            hidden = [h.to(blocks.device) for h in saved]
+        for i in bar(range(start, len(blocks)), desc="blocks", unit="block", disable=not progress):
+            block = blocks.load(i)
             if visit is not None:
                 visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
             if last_outputs or i < len(blocks) - 1:
                 _forward(block, calls, hidden, keep=True)
+            if after is not None:
+                after(i, block, hidden)
+            blocks.done(i, block)
     finally:
         model.train(was_training)
     return hidden
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, blocks: Blocks,
+                    progress: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the logits of each batch of ``batch_size`` windows (token ids [n, seqlen]; each
+    [b, seqlen, vocab]), computed block by block (every batch through block i, then block
+    i+1), so that only one block is resident.
+
+    The model's own forward then turns the last hidden states into logits: its blocks are
+    bypassed (the last one returns the streamed result), so the final norm, any projection
+    and the LM head are the model's own code, whatever the family.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with blocks.outside():
+            hidden, calls = capture_block_inputs(model, windows, False, batch_size, blocks.device)
+        for i in bar(range(len(blocks)), desc="blocks", unit="block", disable=not progress, leave=False):
+            block = blocks.load(i)
+            _forward(block, calls, hidden, keep=True)
+            blocks.done(i, block)
+        with blocks.outside():
+            for j, batch in enumerate(windows.split(batch_size)):
+                with _bypassed(blocks.blocks, hidden[j], calls[j]):
+                    logits = model(batch.to(blocks.device), use_cache=False).logits
+                yield logits
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _bypassed(blocks: nn.ModuleList, last_hidden: torch.Tensor, call: BlockCall) -> Iterator[None]:
+    """The blocks skipped: each returns its input, the last one ``last_hidden``."""
+    def passthrough(last: bool):
+        def forward(*args, **kwargs):
+            out = last_hidden if last else (args[0] if call.hidden_key is None else kwargs[call.hidden_key])
+            return (out,) if call.returns_tuple else out
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = passthrough(i == len(blocks) - 1)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _forward(

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import model_device
+from .engine import model_device, streamed_logits
+from .offload import Blocks
 from .errors import ZprunerError
 from .progress import bar
 
@@ -33,22 +34,29 @@ def perplexity(
     windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    blocks: Blocks | None = None,
 ) -> Perplexity:
-    """tokens: [1, N] ids. Uses the first ``windows`` windows (all when None)."""
+    """tokens: [1, N] ids. Uses the first ``windows`` windows (all when None). With
+    ``blocks`` (offload cpu or disk) the windows go through the model block by block."""
     available = tokens.shape[1] // seqlen
     if available == 0:
         raise ZprunerError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
     count = available if windows is None else min(windows, available)
-    batches = tokens[0, : count * seqlen].reshape(count, seqlen).split(batch_size)
-    device = model_device(model)
+    windows_ids = tokens[0, : count * seqlen].reshape(count, seqlen)
+    if blocks is None:
+        device = model_device(model)
+        all_logits = (model(batch.to(device), use_cache=False).logits for batch in windows_ids.split(batch_size))
+    else:
+        device = blocks.device
+        all_logits = streamed_logits(model, windows_ids, batch_size, blocks, progress)
     was_training = model.training
     model.eval()
     nll, predicted = 0.0, 0
     try:
         windows_bar = bar(total=count, desc="perplexity", unit="window", disable=not progress, leave=False)
-        for batch in batches:
+        for batch, logits in zip(windows_ids.split(batch_size), all_logits):
             batch = batch.to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            logits = logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             nll += loss.item()
             predicted += batch[:, 1:].numel()

@@ -169,11 +169,8 @@ def convert_gguf(path: Path) -> Path:
     return create_folder_atomic(target, write, lambda existing: _cache_damage(existing) is None)
 
 
-def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
-    """(model in eval mode on its device, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = resolve_device(config.device)
+def model_source(config: ModelConfig) -> Path | str:
+    """The folder (a .gguf converted once into the cache) or hub id to load ``config.name`` from."""
     source = resolve_source(config.name)
     if isinstance(source, Path) and source.is_file():
         if source.suffix != ".gguf":
@@ -183,6 +180,71 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
         raise ZprunerError(f"{source} has no config.json: give a transformers model directory, a .gguf or a hub id")
     elif isinstance(source, Path):
         check_weight_files(source)
+    return source
+
+
+def load_skeleton(config: ModelConfig) -> tuple[nn.Module, object, Path | str]:
+    """(model without weights on the meta device, tokenizer, where its weights are): the
+    structure of a model of any size from its config alone; its tensors are read later,
+    block by block (offload.py), from ``local_weights``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                     trust_remote_code=config.trust_remote_code)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _loading_error(config, source, exc) from exc
+    for module in model.modules():  # buffers computed at construction (rotary tables) are real already
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+    return model.eval(), tokenizer, source
+
+
+def local_weights(source: Path | str) -> Path:
+    """A folder holding the model's safetensors: ``source`` itself, or a hub id downloaded
+    to the hub's cache (safetensors and the small files only)."""
+    if isinstance(source, Path):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:  # the hub client raises many types; all mean "not downloadable"
+        raise ZprunerError(f"could not download the weights of '{source}' ({type(exc).__name__}: {exc}); "
+                           "offline, give a local directory or a .gguf file") from exc
+    check_weight_files(folder)
+    return folder
+
+
+def _loading_error(config: ModelConfig, source: Path | str, exc: Exception) -> ZprunerError:
+    """What to tell the user when transformers cannot load the model."""
+    if isinstance(exc, SafetensorError):
+        return ZprunerError(f"the weights of model '{config.name}' are damaged ({exc}); download or save them again")
+    # missing files / unreachable hub; unknown architecture
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        hint = "this model runs its own code: add --trust-remote-code if you trust its author"
+    elif isinstance(source, Path):
+        hint = "a model directory needs config.json, safetensors weights and tokenizer files (as --save writes them)"
+    else:
+        hint = "offline, give a local directory or a .gguf file; HF_HUB_OFFLINE=1 skips the hub retries"
+    return ZprunerError(f"could not load model '{config.name}': {reason} ({hint})")
+
+
+def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
+    """(model in eval mode on its device, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    source = model_source(config)
     dtype = resolve_dtype(config.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
@@ -190,17 +252,8 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
         )
-    except SafetensorError as exc:
-        raise ZprunerError(f"the weights of model '{config.name}' are damaged ({exc}); download or save them again") from exc
-    except (OSError, ValueError) as exc:  # missing files / unreachable hub; unknown architecture
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "trust_remote_code" in str(exc):
-            hint = "this model runs its own code: add --trust-remote-code if you trust its author"
-        elif isinstance(source, Path):
-            hint = "a model directory needs config.json, safetensors weights and tokenizer files (as --save writes them)"
-        else:
-            hint = "offline, give a local directory or a .gguf file; HF_HUB_OFFLINE=1 skips the hub retries"
-        raise ZprunerError(f"could not load model '{config.name}': {reason} ({hint})") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _loading_error(config, source, exc) from exc
     check_finite(model)
     return model.to(device).eval(), tokenizer
 

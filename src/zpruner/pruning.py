@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import PruneConfig
-from .engine import run_layerwise
+from .checkpoint import WorkDir
+from .engine import model_device, run_layerwise
 from .errors import ZprunerError
-from .layers import check_pattern, find_blocks, find_linears, iter_prunable, weight_view
+from .layers import check_pattern, find_linears, iter_prunable, weight_view
 from .masks import keep_mask
+from .offload import Blocks
+from .progress import bar
 from .reallocation import best_permutation
 from .stats import ActivationStats, record_inputs
 
@@ -30,6 +32,7 @@ class PruneReport:
     # --reallocate: per layer whose input channels were permuted, the N:M-retained score
     # without and with the permutation
     reallocated: dict[str, dict[str, float]] = field(default_factory=dict)
+    sparsity: dict[str, float] = field(default_factory=dict)  # fraction of zeros per layer, as pruned
 
 
 def pruned_weights(
@@ -111,17 +114,22 @@ def reallocate_inputs(
 
 
 def prune(
-    model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = True
+    model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = True,
+    blocks: Blocks | None = None, checkpoint: WorkDir | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says.
 
-    calibration: [nsamples, seqlen] token ids (see ``zpruner.data.calibration_windows``);
-    required when the method uses activations, ignored otherwise.
+    calibration: [nsamples, seqlen] token ids (see ``zpruner.calibration``); required when
+    the method uses activations, ignored otherwise. ``blocks``: where the blocks live
+    (``offload``; default: in memory). ``checkpoint``: the work folder of a streamed run,
+    which receives every finished block and may already hold the first ones (``--resume``).
     """
     check_pattern(model, config.parsed_pattern)
     report = PruneReport()
+    blocks = blocks if blocks is not None else Blocks(model, model_device(model))
     names = {module: name for name, module in iter_prunable(model)}
     start = time.perf_counter()
+    dtype = next(model.parameters()).dtype
 
     def prune_block(layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None, forward=None) -> None:
         for name, layer in layers.items():
@@ -133,10 +141,28 @@ def prune(
             prune_layer(layer, stats[name] if stats else None, config)
             report.layer_time_s[names[layer]] = time.perf_counter() - t
 
+    def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
+        layers = {names[m]: m for m in find_linears(block).values()}
+        report.sparsity.update({name: float((m.weight == 0).float().mean()) for name, m in layers.items()})
+        if checkpoint is not None:
+            tensors = _block_state(model, block)
+            part = {"layer_time_s": {n: report.layer_time_s[n] for n in layers},
+                    "reallocated": {n: report.reallocated[n] for n in layers if n in report.reallocated},
+                    "sparsity": {n: report.sparsity[n] for n in layers}}
+            checkpoint.block_done(i, tensors, dtype, hidden, part)
+
+    first = 0
+    if checkpoint is not None and checkpoint.done:
+        first = checkpoint.done
+        for part in ("layer_time_s", "reallocated", "sparsity"):
+            getattr(report, part).update(checkpoint.state[part])
     if not config.needs_calibration:
         # Data-free: no reason to run the model at all.
-        for block in tqdm(find_blocks(model), desc="blocks", unit="block", disable=not progress):
+        for i in bar(range(first, len(blocks)), desc="blocks", unit="block", disable=not progress):
+            block = blocks.load(i)
             prune_block(find_linears(block), None)
+            finished(i, block, None)
+            blocks.done(i, block)
     else:
         if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
             raise ZprunerError(f"method '{config.method}' needs calibration token ids of shape [nsamples, seqlen]")
@@ -147,6 +173,21 @@ def prune(
                 forward()
             prune_block(layers, stats, forward)
 
-        run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False)
+        resume = None
+        if first:
+            saved = checkpoint.activations()
+            if saved is None and first < len(blocks):
+                raise ZprunerError(f"the checkpoint in {checkpoint.path} lacks the activations of block {first}; "
+                                   "delete it to start over")
+            resume = (first, saved)
+        if first < len(blocks):
+            run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False,
+                          blocks=blocks, after=finished, resume=resume)
     report.total_s = time.perf_counter() - start
     return report
+
+
+def _block_state(model: nn.Module, block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's stored tensors under their full names (as save_pretrained names them)."""
+    prefix = next(name for name, m in model.named_modules() if m is block)
+    return {f"{prefix}.{name}": t for name, t in block.state_dict().items()}

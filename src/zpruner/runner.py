@@ -9,6 +9,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,17 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
-from .data import calibration as calibration_of
-from .data import eval_tokens, load_texts, token_digest
+from .checkpoint import WorkDir, checkpoint_options, default_work_dir, save_streamed, sparsity_of
+from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
+from .data import token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
 from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
 from .layers import check_pattern, find_blocks, measure_sparsity
-from .models import load_model
-from .pruning import prune
-from .results import replace_non_finite
-from .zeroshot import LoadedTasks, load_tasks, run_tasks
+from .results import replace_non_finite, run_key
+from .workspace import Workspace
+from .zeroshot import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,15 @@ def eval_seqlen(model: nn.Module, config: EvalConfig) -> int:
     return min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
-def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress: bool) -> dict:
-    result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress)
+def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress: bool, blocks) -> dict:
+    result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress,
+                        blocks)
     return {"value": result.value, "windows": result.windows, "seqlen": result.seqlen, "predicted_tokens": result.tokens}
 
 
-def _check_model(model: nn.Module, tokenizer, config: RunConfig) -> None:
+def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool) -> None:
+    if config.zero_shot is not None and streamed:
+        raise ZprunerError(STREAMED_ZERO_SHOT)
     if config.zero_shot is not None and tokenizer.eos_token_id is None:
         raise ZprunerError(f"the tokenizer of '{config.model.name}' has no end-of-sequence token, which lm-eval "
                            "needs for zero-shot tasks; set eos_token in its tokenizer_config.json or drop --tasks")
@@ -109,90 +112,21 @@ def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:
                            f"{seqlen}; lower --eval-seqlen or give a longer --eval-dataset")
 
 
-class Workspace:
-    """One model and everything derived from it that runs can share: the tokenizer, the
-    calibration windows, the evaluation tokens and the zero-shot task data, each built once.
-
-    With ``keep_dense`` the dense weights of the decoder blocks (all that pruning edits,
-    reallocation's permuted producers included) are copied to CPU memory after loading,
-    and every run after a pruned one starts from them instead of reloading the model.
-    """
-
-    def __init__(self, model: ModelConfig, data_dir: str | None = None, keep_dense: bool = False):
-        self.model_config, self.data_dir, self.keep_dense = model, data_dir, keep_dense
-        self.model: nn.Module | None = None
-        self.tokenizer = None
-        self._dense: list[dict[str, torch.Tensor]] | None = None
-        self._pruned = False
-        self._cache: dict[tuple, object] = {}
-
-    def _cached(self, key: tuple, build):
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    def dense_model(self):
-        """(model, tokenizer), with the dense weights."""
-        if self.model is None:
-            self.model, self.tokenizer = load_model(self.model_config)
-            if self.keep_dense:
-                self._dense = [{n: p.detach().to("cpu", copy=True) for n, p in block.named_parameters()}
-                               for block in find_blocks(self.model)]
-        elif self._pruned:
-            if self._dense is None:
-                raise ZprunerError("this workspace's model was pruned and its dense weights were not kept; "
-                                   "create the Workspace with keep_dense=True to run several configurations")
-            with torch.no_grad():
-                for block, saved in zip(find_blocks(self.model), self._dense):
-                    for n, p in block.named_parameters():
-                        p.copy_(saved[n])
-        self._pruned = False
-        return self.model, self.tokenizer
-
-    def prune(self, config: PruneConfig, calibration: torch.Tensor | None, progress: bool):
-        self._pruned = True
-        return prune(self.model, config, calibration, progress)
-
-    def calibration(self, config: PruneConfig) -> torch.Tensor | None:
-        if not config.needs_calibration:
-            return None
-        key = ("calibration", config.calibration, config.nsamples, config.seqlen, config.seed)
-        return self._cached(key, lambda: calibration_of(self.tokenizer, config, self.data_dir))
-
-    def eval_tokens(self, dataset: str) -> tuple[torch.Tensor, str]:
-        def build():
-            tokens = eval_tokens(self.tokenizer, load_texts(dataset, self.data_dir))
-            return tokens, token_digest(tokens)
-
-        return self._cached(("eval", dataset), build)
-
-    def zero_shot_tasks(self, config: ZeroShotConfig | None) -> LoadedTasks | None:
-        """The tasks with their data, read before the model so bad input stops the run early."""
-        if config is None:
-            return None
-
-        def build():
-            tasks = load_tasks(config.tasks, self.data_dir)
-            for name, reason in tasks.skipped.items():
-                log.warning("zero-shot task %s skipped: %s", name, reason)
-            return tasks
-
-        return self._cached(("tasks", tuple(config.tasks)), build)
-
-
 def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = None) -> dict:
     """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results.
 
     Every input is checked (options, model, calibration text, zero-shot task data) before
-    the first long phase. Perplexity and zero-shot accuracy measure the model in memory:
+    the first long phase. Perplexity and zero-shot accuracy measure the model as it is:
     after pruning, the pruned one (and with ``dense_baseline`` the dense one first).
     ``workspace`` lets consecutive runs on one model share its loading and data (zpruner.sweep).
+    Under ``offload`` disk the model is streamed block by block (zpruner.offload), with a
+    checkpoint after each block in the work folder (``--resume``).
     """
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
     if workspace is None:
-        workspace = Workspace(config.model, config.data_dir)
+        workspace = Workspace(config.model, config.data_dir, offload_mode=config.offload)
     elif (workspace.model_config, workspace.data_dir) != (config.model, config.data_dir):
         raise ZprunerError("this run's model or data directory differs from its workspace's")
     timer = Timer()
@@ -201,7 +135,15 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         zero_shot_tasks = workspace.zero_shot_tasks(config.zero_shot)
     with timer.phase("load"):
         model, tokenizer = workspace.dense_model()
-    _check_model(model, tokenizer, config)
+    _check_model(model, tokenizer, config, workspace.streamed)
+    work = None
+    if config.prune is not None and workspace.streamed:
+        work = WorkDir(Path(config.work_dir).expanduser() if config.work_dir else
+                       default_work_dir(config.save, config.output_json, config.model.name),
+                       run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)))
+    elif config.resume:
+        raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
+                           "keeps checkpoints")
     calibration = None
     if config.prune is not None:
         with timer.phase("calibration"):
@@ -218,7 +160,8 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         """Every requested measurement of the model as it is now, under keys starting with ``prefix``."""
         if tokens is not None:
             with timer.phase("eval"):
-                entry = {**_perplexity_entry(model, tokens, config.eval, progress), "data_sha256_16": digest}
+                entry = {**_perplexity_entry(model, tokens, config.eval, progress, workspace.blocks),
+                         "data_sha256_16": digest}
             results[prefix + "perplexity"] = {config.eval.dataset: entry["value"]}
             results[prefix + "perplexity_protocol"] = entry
         if zero_shot_tasks is not None:
@@ -229,19 +172,27 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
 
     if config.prune is None or config.dense_baseline:
         measure("" if config.prune is None else "dense_")
+    report = None
     if config.prune is not None:
         with timer.phase("pruning"):
-            report = workspace.prune(config.prune, calibration, progress)
+            report = workspace.prune(config.prune, calibration, progress, work)
         results["layer_time_s"] = report.layer_time_s
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated
         measure("")
-    results["sparsity"] = measure_sparsity(model)
+    results["sparsity"] = sparsity_of(model, report) if workspace.streamed else measure_sparsity(model)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
+    results["offload"] = workspace.mode
+    # the process's own high-water mark (Linux reports KiB): what this run needed, measured not estimated
+    results["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     replace_non_finite(results)
-    if config.save is not None:
-        save_model(config.save, model, tokenizer, {"config": results["config"], "versions": results["versions"]},
-                   config.overwrite)
+    manifest = {"config": results["config"], "versions": results["versions"]}
+    if config.save is not None and work is not None:
+        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite)
+    elif config.save is not None:
+        save_model(config.save, model, tokenizer, manifest, config.overwrite)
     if config.output_json is not None:
         write_json_atomic(config.output_json, results)
+    if work is not None:
+        work.remove()
     return results

@@ -1,0 +1,138 @@
+"""Weights on disk, a few tensors at a time: read them lazily from a model folder's
+safetensors shards into a model built without weights (the meta device), take them out
+again, and write a model folder shard by shard that ``from_pretrained`` loads.
+
+This is what lets a model larger than memory be pruned: only the tensors of the module at
+work are ever materialised (see ``offload.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ZprunerError
+
+INDEX = "model.safetensors.index.json"
+
+
+class WeightSource:
+    """The tensors of a model folder by name (``model.safetensors`` or sharded with an
+    index), read on demand; names are matched to a model's own parameter names with or
+    without its base-model prefix (GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str = ""):
+        self.folder, self.prefix = Path(folder), prefix
+        index = self.folder / INDEX
+        self.files: dict[str, Path] = {}
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            for path in sorted(self.folder.glob("*.safetensors")):
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        self.files.update(dict.fromkeys(f.keys(), path))
+                except (SafetensorError, OSError) as exc:
+                    raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
+        if not self.files:
+            raise ZprunerError(f"{self.folder} has no safetensors weights")
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name of the model's tensor ``name``, or None."""
+        if name in self.files:
+            return name
+        if self.prefix and name.startswith(self.prefix + "."):
+            bare = name[len(self.prefix) + 1:]
+            return bare if bare in self.files else None
+        prefixed = f"{self.prefix}.{name}" if self.prefix else name
+        return prefixed if prefixed in self.files else None
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``names`` (the model's own) -> CPU tensors as stored, one open per shard file."""
+        by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+        for name in names:
+            stored = self.resolve(name)
+            if stored is None:
+                raise ZprunerError(f"{self.folder} lacks the weight {name}; the folder does not match its config.json")
+            by_file[self.files[stored]].append((name, stored))
+        out = {}
+        for path, pairs in by_file.items():
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for name, stored in pairs:
+                        out[name] = f.get_tensor(stored)
+            except (SafetensorError, OSError) as exc:
+                raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
+        return out
+
+
+def module_tensors(model: nn.Module, module: nn.Module) -> list[str]:
+    """Full names of ``module``'s parameters and persistent buffers within ``model``."""
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    prefix = f"{prefix}." if prefix else ""
+    names = [prefix + n for n, _ in module.named_parameters()]
+    for owner_name, owner in module.named_modules():
+        for b in owner._buffers:
+            if b not in owner._non_persistent_buffers_set and owner._buffers[b] is not None:
+                names.append(prefix + (f"{owner_name}.{b}" if owner_name else b))
+    return names
+
+
+def materialise(model: nn.Module, names: list[str], source: WeightSource, dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Put the stored tensors ``names`` into ``model`` on ``device``: floating ones in
+    ``dtype`` (exactly the cast ``from_pretrained(dtype=...)`` makes), checked finite."""
+    for name, tensor in source.read(names).items():
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+            if not torch.isfinite(tensor).all():
+                raise ZprunerError(f"weight {name} holds NaN or infinite values; the checkpoint is damaged "
+                                   "(or was saved from a diverged run): use an intact copy")
+        set_module_tensor_to_device(model, name, device, value=tensor)
+
+
+def release(module: nn.Module) -> None:
+    """Back to the meta device: the module's parameters take no memory until materialised again."""
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                owner._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+
+def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """One safetensors shard, written under a temporary name and renamed: a shard present is complete."""
+    data = {name: (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
+            for name, t in tensors.items()}
+    tmp = folder / f".{file}.tmp-{os.getpid()}"
+    save_file(data, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / file)
+
+
+def write_index(folder: Path) -> None:
+    """``model.safetensors.index.json`` for the shards in ``folder``, read back from them
+    (so a resumed run's shards count too)."""
+    weight_map, total = {}, 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                weight_map[name] = path.name
+                sl = f.get_slice(name)
+                count = 1
+                for size in sl.get_shape():
+                    count *= size
+                total += count * _itemsize(sl.get_dtype())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}.get(dtype, 4)
