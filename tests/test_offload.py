@@ -214,3 +214,21 @@ def test_auto_streams_a_model_larger_than_memory(monkeypatch, capsys, tmp_path, 
     assert json.loads(out.read_text())["offload"] == "disk"
     assert_same_weights(tmp_path / "none", tmp_path / "auto")
 
+
+
+def test_eval_streams_the_saved_model(tmp_path, tiny_model_dir, tiny_data_dir):
+    """zpruner eval --offload disk of a saved pruned model: its perplexity and sparsity as in memory."""
+    model_dir = tiny_model_dir("llama")
+    save = tmp_path / "m"
+    assert main(quick(model_dir, tiny_data_dir, "--pattern", "2:4", "--save", str(save), "--no-eval")) == 0
+    results = {}
+    for mode in ("none", "disk"):
+        out = tmp_path / f"{mode}.json"
+        args = ["eval", "--model", str(save), "--data-dir", str(tiny_data_dir), "--eval-seqlen", "32",
+                "--eval-windows", "4", "--quiet", "--offload", mode, "--output-json", str(out)]
+        assert main(args) == 0
+        results[mode] = json.loads(out.read_text())
+    assert results["disk"]["perplexity"]["wikitext2"] == pytest.approx(results["none"]["perplexity"]["wikitext2"],
+                                                                       rel=1e-5)
+    assert results["disk"]["sparsity"] == results["none"]["sparsity"]
+    assert results["disk"]["sparsity"]["overall"] == pytest.approx(0.5)

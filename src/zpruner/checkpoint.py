@@ -132,14 +132,14 @@ def checkpoint_options(config) -> dict:
     return json.loads(dumps_json(options))
 
 
-def sparsity_of(model: nn.Module, report) -> dict:
-    """``layers.measure_sparsity``'s numbers from the counts taken as each block was pruned
-    (a streamed model's weights are not in memory at the end)."""
+def sparsity_of(model: nn.Module, fractions: dict[str, float]) -> dict:
+    """``layers.measure_sparsity``'s numbers from the fraction of zeros per layer counted
+    while each block was resident (a streamed model's weights are not in memory at the end)."""
     per_layer, zeros, total = {}, 0, 0
     for name, module in iter_prunable(model):
         size = module.weight.numel()
-        per_layer[name] = report.sparsity[name]
-        zeros += round(report.sparsity[name] * size)
+        per_layer[name] = fractions[name]
+        zeros += round(fractions[name] * size)
         total += size
     return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import OFFLOAD_MODES
 from .errors import ZprunerError
-from .layers import find_blocks, find_linears, weight_view
+from .layers import find_blocks, find_linears, iter_prunable, weight_view
 from .weights import WeightSource, materialise, module_tensors, release
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class StreamedBlocks(Blocks):
         super().__init__(model, device)
         self.source, self.dtype = source, dtype
         self.block_source = block_source if block_source is not None else source
+        self.names = {m: name for name, m in iter_prunable(model)}
+        self.zeros: dict[str, float] = {}  # fraction of zero weights per layer, counted as blocks pass
 
     @contextmanager
     def outside(self) -> Iterator[None]:
@@ -108,7 +110,17 @@ class StreamedBlocks(Blocks):
     def load(self, i: int) -> nn.Module:
         block = self.blocks[i]
         materialise(self.model, module_tensors(self.model, block), self.block_source, self.dtype, self.device)
+        for layer in find_linears(block).values():
+            self.zeros[self.names[layer]] = float((layer.weight == 0).float().mean())
         return block
+
+    def zero_fractions(self) -> dict[str, float]:
+        """Fraction of zero weights per layer (in ``iter_prunable`` order), reading the blocks
+        no pass has read yet."""
+        for i, block in enumerate(self.blocks):
+            if any(self.names[layer] not in self.zeros for layer in find_linears(block).values()):
+                self.done(i, self.load(i))
+        return {name: self.zeros[name] for name in self.names.values()}
 
     def done(self, i: int, block: nn.Module) -> None:
         release(block)

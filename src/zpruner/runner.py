@@ -180,7 +180,10 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated
         measure("")
-    results["sparsity"] = sparsity_of(model, report) if workspace.streamed else measure_sparsity(model)
+    if workspace.streamed:  # counted as each block was pruned, or read (zpruner eval)
+        results["sparsity"] = sparsity_of(model, report.sparsity if report else workspace.blocks.zero_fractions())
+    else:
+        results["sparsity"] = measure_sparsity(model)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
     results["offload"] = workspace.mode
     # the process's own high-water mark (Linux reports KiB): what this run needed, measured not estimated
