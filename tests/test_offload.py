@@ -232,3 +232,12 @@ def test_eval_streams_the_saved_model(tmp_path, tiny_model_dir, tiny_data_dir):
                                                                        rel=1e-5)
     assert results["disk"]["sparsity"] == results["none"]["sparsity"]
     assert results["disk"]["sparsity"]["overall"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_activations_on_disk_give_the_same_weights(tmp_path, tiny_model_dir, tiny_data_dir, offload):
+    model_dir = tiny_model_dir("llama")
+    for activations in ("memory", "disk"):
+        assert main(quick(model_dir, tiny_data_dir, "--method", "sparsegpt", "--offload", offload, "--no-eval",
+                          "--activations", activations, "--save", str(tmp_path / activations))) == 0
+    assert_same_weights(tmp_path / "memory", tmp_path / "disk")

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", default=None,
                    help="--offload disk: continue the unfinished run of the same options from its last finished "
                         "block (the result is the same as an uninterrupted run)")
+    g.add_argument("--activations", choices=["memory", "disk"],
+                   help="where the calibration activations live between blocks: memory, or disk (a memory-mapped "
+                        "file in the work folder or the temp folder; for models whose activations do not fit). "
+                        "Default: memory")
     g.add_argument("--work-dir", metavar="DIR",
                    help="--offload disk: checkpoints of the pruned blocks; default: beside --save, else in the "
                         "temp folder")

@@ -280,12 +280,15 @@ class RunConfig:
     offload: str = "auto"
     resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
     work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
+    activations: str = "memory"  # 'disk': the calibration activations in a memory-mapped file (work folder or temp)
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
         if self.offload not in OFFLOAD_MODES:
             raise ZprunerError(f"offload '{self.offload}' is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
         check_bool("resume", self.resume)
+        if self.activations not in ("memory", "disk"):
+            raise ZprunerError(f"activations '{self.activations}' is unknown; choose memory or disk")
         if self.work_dir is not None:
             check_str("work_dir", self.work_dir)
         if self.resume and self.prune is None:
@@ -339,8 +342,9 @@ MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_r
 EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
 ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
 PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
-RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite", "offload", "resume", "work_dir")
-EXECUTION_OPTIONS = ("offload", "resume", "work_dir")  # never part of a run key
+RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite", "offload", "resume", "work_dir",
+               "activations")
+EXECUTION_OPTIONS = ("offload", "resume", "work_dir", "activations")  # never part of a run key
 STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "
                       "is streamed from disk (--offload disk); measure the saved pruned model with 'zpruner eval "
                       "--tasks ...' on a machine it fits, or drop --tasks")

@@ -16,9 +16,12 @@ is done with it.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,7 +128,7 @@ def run_layerwise(
     model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True,
     batch_size: int = 1, last_outputs: bool = True, blocks: Blocks | None = None,
     after: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
-    resume: tuple[int, list[torch.Tensor]] | None = None,
+    resume: tuple[int, list[torch.Tensor]] | None = None, spill: str | os.PathLike | None = None,
 ) -> list[torch.Tensor]:
     """Carry ``samples`` through every decoder block, ``batch_size`` at a time; returns the
     last block's outputs per batch ([b, seqlen, hidden] each, in sample order).
@@ -137,6 +140,8 @@ def run_layerwise(
     ``blocks``: where the blocks live (default: all in memory). ``after(i, block, hidden)``
     runs once block i is final and ``hidden`` holds the next block's inputs (a checkpoint);
     ``resume=(k, hidden)`` starts at block k with those inputs (from such a checkpoint).
+    ``spill``: a folder where the hidden states live in a memory-mapped file instead of in
+    memory (``--activations disk``); the same values, read and written through the page cache.
     """
     blocks = blocks if blocks is not None else Blocks(model, model_device(model))
     was_training = model.training
@@ -150,6 +155,8 @@ def run_layerwise(
             if [h.shape for h in saved] != [h.shape for h in hidden]:
                 raise ZprunerError("the checkpoint's activations do not match this run's calibration batches")
             hidden = [h.to(blocks.device) for h in saved]
+        if spill is not None:
+            hidden = spilled(hidden, Path(spill))
         for i in bar(range(start, len(blocks)), desc="blocks", unit="block", disable=not progress):
             block = blocks.load(i)
             if visit is not None:
@@ -162,6 +169,29 @@ def run_layerwise(
     finally:
         model.train(was_training)
     return hidden
+
+
+class Spilled(list):
+    """Hidden states backed by a file: block outputs are copied into them, not swapped in."""
+
+
+def spilled(hidden: list[torch.Tensor], folder: Path) -> Spilled:
+    """``hidden`` moved into one memory-mapped file under ``folder`` (same dtypes, shapes and
+    values); the file is unlinked at once, so it goes when the tensors do, whatever happens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=folder)
+    os.close(fd)
+    total = sum(h.numel() * h.element_size() for h in hidden)
+    storage = torch.from_file(name, shared=True, size=total, dtype=torch.uint8)
+    os.unlink(name)
+    out, offset = Spilled(), 0
+    for h in hidden:
+        size = h.numel() * h.element_size()
+        view = storage[offset:offset + size].view(h.dtype).view(h.shape)
+        view.copy_(h)
+        out.append(view)
+        offset += size
+    return out
 
 
 @torch.no_grad()
@@ -219,7 +249,9 @@ def _forward(
     outputs = []
     for j, call in enumerate(calls[:limit]):
         out = call.run(block, hidden[j])
-        if keep:
+        if keep and isinstance(hidden, Spilled):
+            hidden[j].copy_(out)  # into its file: no second copy of the activations in memory
+        elif keep:
             hidden[j] = out
         elif limit is not None:
             outputs.append(out)

@@ -5,6 +5,7 @@ such as 'sparsegpt', mask and reconstruction together, then the update.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -115,7 +116,7 @@ def reallocate_inputs(
 
 def prune(
     model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = True,
-    blocks: Blocks | None = None, checkpoint: WorkDir | None = None,
+    blocks: Blocks | None = None, checkpoint: WorkDir | None = None, spill: str | os.PathLike | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says.
 
@@ -123,6 +124,7 @@ def prune(
     the method uses activations, ignored otherwise. ``blocks``: where the blocks live
     (``offload``; default: in memory). ``checkpoint``: the work folder of a streamed run,
     which receives every finished block and may already hold the first ones (``--resume``).
+    ``spill``: a folder for the calibration activations (``--activations disk``).
     """
     check_pattern(model, config.parsed_pattern)
     report = PruneReport()
@@ -182,7 +184,7 @@ def prune(
             resume = (first, saved)
         if first < len(blocks):
             run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False,
-                          blocks=blocks, after=finished, resume=resume)
+                          blocks=blocks, after=finished, resume=resume, spill=spill)
     report.total_s = time.perf_counter() - start
     return report
 

@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import resource
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,7 +176,10 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     report = None
     if config.prune is not None:
         with timer.phase("pruning"):
-            report = workspace.prune(config.prune, calibration, progress, work)
+            spill = None
+            if config.activations == "disk":
+                spill = str(work.path / "state") if work is not None else tempfile.gettempdir()
+            report = workspace.prune(config.prune, calibration, progress, work, spill)
         results["layer_time_s"] = report.layer_time_s
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated

@@ -101,9 +101,9 @@ class Workspace:
         return self.model, self.tokenizer
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor | None, progress: bool,
-              work: WorkDir | None = None) -> PruneReport:
+              work: WorkDir | None = None, spill: str | None = None) -> PruneReport:
         self._pruned = True
-        report = prune(self.model, config, calibration, progress, self.blocks, work)
+        report = prune(self.model, config, calibration, progress, self.blocks, work, spill)
         if self.streamed:
             dense = self._dense_blocks
             self.blocks = offload.StreamedBlocks(self.model, dense.device, dense.source, dense.dtype,
