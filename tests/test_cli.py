@@ -132,7 +132,7 @@ def test_console_script_help_documents_every_option():
     for option in ("--model", "--method", "--update", "--reallocate", "--ria-exponent", "--cvr-alpha", "--cvr-eps",
                    "--ec-clamp", "--blocksize", "--damp", "--sparsity", "--pattern", "--nsamples", "--seqlen", "--seed",
                    "--eval-seqlen", "--eval-windows", "--data-dir", "--output-json", "--save", "--dtype", "--device",
-                   "--tasks", "--limit", "--batch-size"):
+                   "--tasks", "--limit", "--batch-size", "--offload", "--resume", "--work-dir", "--activations"):
         assert option in text
     bad = subprocess.run([*exe, "prune", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
