@@ -241,3 +241,36 @@ def test_activations_on_disk_give_the_same_weights(tmp_path, tiny_model_dir, tin
         assert main(quick(model_dir, tiny_data_dir, "--method", "sparsegpt", "--offload", offload, "--no-eval",
                           "--activations", activations, "--save", str(tmp_path / activations))) == 0
     assert_same_weights(tmp_path / "memory", tmp_path / "disk")
+
+
+def test_weight_source_reads_in_chunks_exactly(monkeypatch, tmp_path):
+    """read_one equals safetensors' own reading (bfloat16 -> float32 cast included), names a
+    NaN, and refuses a file cut inside a tensor."""
+    from safetensors.torch import save_file
+
+    from zpruner import weights
+    from zpruner.errors import ZprunerError
+
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 40)  # many chunks, the last one partial
+    tensors = {"a.weight": torch.randn(7, 9).to(torch.bfloat16), "b.bias": torch.arange(13, dtype=torch.int64),
+               "c.weight": torch.randn(5, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    source = WeightSource(tmp_path)
+    assert torch.equal(source.read_one("a.weight", torch.float32), tensors["a.weight"].float())
+    assert torch.equal(source.read_one("b.bias", torch.float32), tensors["b.bias"])
+    assert torch.equal(source.read_one("c.weight", torch.float32), tensors["c.weight"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    poisoned = torch.randn(6, 6)
+    poisoned[4, 5] = float("nan")
+    save_file({"w": poisoned}, str(bad / "model.safetensors"))
+    with pytest.raises(ZprunerError, match="weight w holds NaN"):
+        WeightSource(bad).read_one("w", torch.float32)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(data[:-30])
+    with pytest.raises(ZprunerError, match="damaged or cut short"):
+        source = WeightSource(cut)
+        for name in sorted(source.files):
+            source.read_one(name, torch.float32)

@@ -147,7 +147,7 @@ def run_layerwise(
     was_training = model.training
     model.eval()  # dropout off: block outputs must be the model's deterministic ones
     try:
-        with blocks.outside():
+        with blocks.outside(head=False):
             hidden, calls = capture_block_inputs(model, samples, progress, batch_size, blocks.device)
         start = 0
         if resume is not None:
@@ -208,7 +208,7 @@ def streamed_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, bl
     was_training = model.training
     model.eval()
     try:
-        with blocks.outside():
+        with blocks.outside(head=False):
             hidden, calls = capture_block_inputs(model, windows, False, batch_size, blocks.device)
         for i in bar(range(len(blocks)), desc="blocks", unit="block", disable=not progress, leave=False):
             block = blocks.load(i)

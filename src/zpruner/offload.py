@@ -47,8 +47,9 @@ class Blocks:
         return len(self.blocks)
 
     @contextmanager
-    def outside(self) -> Iterator[None]:
-        """The modules around the blocks (embeddings, final norm, LM head) usable meanwhile."""
+    def outside(self, head: bool = True) -> Iterator[None]:
+        """The modules around the blocks (embeddings, final norm and, with ``head``, the LM
+        head) usable meanwhile."""
         yield
 
     def load(self, i: int) -> nn.Module:
@@ -62,7 +63,7 @@ class MovedBlocks(Blocks):
     """The model in CPU memory; a block moves to the compute device while it works."""
 
     @contextmanager
-    def outside(self) -> Iterator[None]:
+    def outside(self, head: bool = True) -> Iterator[None]:
         # whole owner modules move (Module.to keeps tied parameters tied)
         owners = {id(m): m for m in (_owner(self.model, n) for n in _outside_names(self.model))}.values()
         for module in owners:
@@ -93,8 +94,12 @@ class StreamedBlocks(Blocks):
         self.zeros: dict[str, float] = {}  # fraction of zero weights per layer, counted as blocks pass
 
     @contextmanager
-    def outside(self) -> Iterator[None]:
+    def outside(self, head: bool = True) -> Iterator[None]:
         names = _outside_names(self.model)
+        if not head:  # capturing the first block's inputs never reaches the LM head
+            output = self.model.get_output_embeddings()
+            tied = output is not None and output.weight is self.model.get_input_embeddings().weight
+            names = [n for n in names if tied or output is None or _owner(self.model, n) is not output]
         materialise(self.model, [n for n in names if self.source.resolve(n) is not None], self.source, self.dtype,
                     self.device)
         self.model.tie_weights()  # an LM head tied to the embeddings is not stored on its own

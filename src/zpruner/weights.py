@@ -30,6 +30,7 @@ class WeightSource:
 
     def __init__(self, folder: str | os.PathLike, prefix: str = ""):
         self.folder, self.prefix = Path(folder), prefix
+        self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.folder / INDEX
         self.files: dict[str, Path] = {}
         if index.is_file():
@@ -55,6 +56,45 @@ class WeightSource:
         prefixed = f"{self.prefix}.{name}" if self.prefix else name
         return prefixed if prefixed in self.files else None
 
+    def read_one(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The model's tensor ``name`` as a new CPU tensor, floating ones in ``dtype`` and
+        checked finite, read in chunks of ``CHUNK_BYTES`` with plain reads at the offsets the
+        safetensors header gives. Not through safetensors' memory map: its pages count as the
+        process's memory while the file is open, and a whole stored copy beside the converted
+        one would double the peak; here the peak is the converted tensor plus one chunk."""
+        stored = self.resolve(name)
+        if stored is None:
+            raise ZprunerError(f"{self.folder} lacks the weight {name}; the folder does not match its config.json")
+        path = self.files[stored]
+        try:
+            header, data_start = self._headers[path] if path in self._headers else _header(path)
+            self._headers[path] = (header, data_start)
+            entry = header[stored]
+            source_dtype = _DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            target = dtype if source_dtype.is_floating_point else source_dtype
+            out = torch.empty(entry["shape"], dtype=target)
+            flat = out.view(-1)
+            item = torch.empty((), dtype=source_dtype).element_size()
+            step = max(1, CHUNK_BYTES // item)
+            buffer = bytearray(min(step * item, end - begin))
+            with path.open("rb", buffering=0) as f:
+                for first in range(0, flat.numel(), step):
+                    count = min(step, flat.numel() - first)
+                    view = memoryview(buffer)[:count * item]
+                    f.seek(data_start + begin + first * item)
+                    if f.readinto(view) != count * item:
+                        raise OSError(f"{path} ends inside the tensor {stored}")
+                    part = flat[first:first + count]
+                    part.copy_(torch.frombuffer(view, dtype=source_dtype, count=count))
+                    # per chunk: isfinite of a whole tensor makes full-size temporaries
+                    if part.is_floating_point() and not torch.isfinite(part).all():
+                        raise ZprunerError(f"weight {name} holds NaN or infinite values; the checkpoint is damaged "
+                                           "(or was saved from a diverged run): use an intact copy")
+        except (OSError, KeyError, ValueError) as exc:
+            raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
+        return out
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``names`` (the model's own) -> CPU tensors as stored, one open per shard file."""
         by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
@@ -74,6 +114,20 @@ class WeightSource:
         return out
 
 
+# Bytes read at a time by WeightSource.read_one
+CHUNK_BYTES = 64 << 20
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
+
+
 def module_tensors(model: nn.Module, module: nn.Module) -> list[str]:
     """Full names of ``module``'s parameters and persistent buffers within ``model``."""
     prefix = next(name for name, m in model.named_modules() if m is module)
@@ -90,13 +144,8 @@ def materialise(model: nn.Module, names: list[str], source: WeightSource, dtype:
                 device: torch.device) -> None:
     """Put the stored tensors ``names`` into ``model`` on ``device``: floating ones in
     ``dtype`` (exactly the cast ``from_pretrained(dtype=...)`` makes), checked finite."""
-    for name, tensor in source.read(names).items():
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-            if not torch.isfinite(tensor).all():
-                raise ZprunerError(f"weight {name} holds NaN or infinite values; the checkpoint is damaged "
-                                   "(or was saved from a diverged run): use an intact copy")
-        set_module_tensor_to_device(model, name, device, value=tensor)
+    for name in names:
+        set_module_tensor_to_device(model, name, device, value=source.read_one(name, dtype))
 
 
 def release(module: nn.Module) -> None:
