@@ -15,6 +15,8 @@ around the blocks, resident for a while), ``load(i)`` and ``done(i)``.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -111,6 +113,7 @@ class StreamedBlocks(Blocks):
             yield
         finally:
             release(self.model)  # every block is released already
+            give_back_freed_memory()
 
     def load(self, i: int) -> nn.Module:
         block = self.blocks[i]
@@ -129,6 +132,25 @@ class StreamedBlocks(Blocks):
 
     def done(self, i: int, block: nn.Module) -> None:
         release(block)
+        give_back_freed_memory()
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim). A block's tensors are
+    freed when it is released, but glibc keeps much of that memory for reuse: measured on
+    the 7B model, resident memory grew by 60-100 MB with every block read and released,
+    and returned to the start after one malloc_trim."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _outside_names(model: nn.Module) -> list[str]:
