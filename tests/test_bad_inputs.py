@@ -293,6 +293,7 @@ def run_case(case: Case, ctx: Ctx, capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.chdir(ctx.tmp)
     monkeypatch.setenv("ZPRUNER_CACHE", str(ctx.tmp / "cache"))
     argv = case.argv(ctx)
+    capsys.readouterr()  # what building the case's model printed (transformers' progress bars) is not the case's
     while argv[0].startswith("env:"):
         name, value = argv.pop(0)[4:].split("=", 1)
         monkeypatch.setenv(name, value)

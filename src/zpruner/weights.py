@@ -161,7 +161,12 @@ def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype
     data = {name: (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
             for name, t in tensors.items()}
     tmp = folder / f".{file}.tmp-{os.getpid()}"
-    save_file(data, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file(data, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as exc:  # the disk, not zpruner: full (a 7B's float32 shards take 27 GB), read-only
+        tmp.unlink(missing_ok=True)
+        raise ZprunerError(f"could not write {folder / file} ({exc}); free space there or give another "
+                           "--work-dir, then add --resume") from None
     os.replace(tmp, folder / file)
 
 
