@@ -33,7 +33,8 @@ class PruneReport:
     # --reallocate: per layer whose input channels were permuted, the N:M-retained score
     # without and with the permutation
     reallocated: dict[str, dict[str, float]] = field(default_factory=dict)
-    sparsity: dict[str, float] = field(default_factory=dict)  # fraction of zeros per layer, as pruned
+    # fraction of zeros per layer, counted as each block is checkpointed (a streamed run)
+    sparsity: dict[str, float] = field(default_factory=dict)
 
 
 def pruned_weights(
@@ -144,9 +145,9 @@ def prune(
             report.layer_time_s[names[layer]] = time.perf_counter() - t
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
-        layers = {names[m]: m for m in find_linears(block).values()}
-        report.sparsity.update({name: float((m.weight == 0).float().mean()) for name, m in layers.items()})
-        if checkpoint is not None:
+        if checkpoint is not None:  # a model in memory is counted at the end (measure_sparsity), not here
+            layers = {names[m]: m for m in find_linears(block).values()}
+            report.sparsity.update({name: float((m.weight == 0).float().mean()) for name, m in layers.items()})
             tensors = _block_state(model, block)
             part = {"layer_time_s": {n: report.layer_time_s[n] for n in layers},
                     "reallocated": {n: report.reallocated[n] for n in layers if n in report.reallocated},
