@@ -350,3 +350,20 @@ def test_perplexity_measured_again_with_zero_shot_counts_once(tmp_path):
     assert rows["wanda"][2] == "195.17"
     _, rows, protocol = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Table 2")
     assert rows["wanda"] == ["2:4", "50.00", "50.00"] and "zero-shot limit 50" in protocol
+
+
+def test_best_configuration_and_owl_block_sparsities(tmp_path, markdown):
+    _, rows, _ = table(group(markdown, "c4 64 × 512, wikitext2 64 windows"), "Best configuration per sparsity")
+    assert rows["50 %"] == ["sparsegpt", "61.02", "61.02", "1.000"]
+    # an OWL run: its own row label, and its block sparsities listed
+    lines = lines_of(FIXTURE)
+    owl = copy.deepcopy(next(r for r in lines if r.get("run_key") == "cvr-ec-50"))
+    owl["config"]["prune"].update(method="wanda", update="none", allocation="owl", owl_m=5.0, owl_lambda=0.08)
+    owl["perplexity_protocol"]["value"] = 55.0
+    owl["run_key"] = "wanda-owl-50"
+    owl["block_sparsity"] = [0.46, 0.5, 0.54]
+    section = group(report_of(tmp_path, [*lines, owl], "a"), "c4 64 × 512, wikitext2 64")
+    _, rows, _ = table(section, "Best configuration per sparsity")
+    assert rows["50 %"] == ["wanda+owl", "55.00", "61.02", "0.901"]
+    _, rows, _ = table(section, "Per-block sparsity")
+    assert rows["wanda+owl"] == ["50 %", "46.0", "54.0", "46.0 50.0 54.0"]

@@ -107,6 +107,12 @@ class WorkDir:
         self.state["done"] = i + 1
         self._write_state()
 
+    def remember(self, name: str, value) -> None:
+        """Keep a fact of the run that a resumed run must reuse (e.g. the per-block
+        sparsities of an allocation, measured on the dense model before block 0)."""
+        self.state[name] = value
+        self._write_state()
+
     def _write_state(self) -> None:
         write_atomic(self.path / STATE / "state.json", lambda f: f.write((dumps_json(self.state, indent=1)).encode()))
 

@@ -10,7 +10,7 @@ from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, Prun
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
-from .registry import UPDATES, Constant, constants, method_names
+from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
 
@@ -125,7 +125,7 @@ def _add_constant_option(group, constant: Constant) -> None:
     by_option: dict[str, list[str]] = {}
     for owner in constant.owners:
         kind, name = owner.split(" ", 1)
-        by_option.setdefault("--update" if kind == "update" else "--method", []).append(name)
+        by_option.setdefault({"update": "--update", "allocation": "--allocation"}.get(kind, "--method"), []).append(name)
     owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
     group.add_argument("--" + constant.name.replace("_", "-"), type=_CONSTANT_PARSERS[constant.kind],
                        metavar="LO,HI" if constant.kind == "range" else None,
@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(sparsegpt). Default: {PruneConfig.method}")
     g.add_argument("--update", choices=list(UPDATES),
                    help="correct the kept weights after the mask: energy compensation (ec = column then row) "
-                        f"or SparseGPT reconstruction with the method's mask. Default: {PruneConfig.update}")
+                        f"or a reconstruction keeping the method's mask (sparsegpt, admm). Default: {PruneConfig.update}")
+    g.add_argument("--allocation", choices=list(ALLOCATIONS),
+                   help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
+                        "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
+                        f"Default: {PruneConfig.allocation}")
     g.add_argument("--sparsity", type=_finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "

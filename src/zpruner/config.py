@@ -4,6 +4,7 @@ The CLI is a thin layer that fills these; the Python API takes them directly.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from .checks import check_bool, check_int, check_str
 from .errors import ZprunerError
 from .masks import Pattern, check_sparsity
 from .protocols import check_protocol, expand
-from .registry import UPDATES, Method, constants, get_method, get_update
+from .registry import UPDATES, Method, constants, get_allocation, get_method, get_update
 from .zeroshot import parse_tasks
 
 SCHEMA_VERSION = 1
@@ -39,6 +40,7 @@ PRUNE_FIELD_CHECKS = {
     "nsamples": check_int, "seqlen": check_int, "calib_batch_size": check_int,
     "seed": lambda n, v: check_int(n, v, minimum=None),
     "reallocate": check_bool,
+    "allocation": lambda n, v: (check_str(n, v), get_allocation(v)),
     "sparsity": lambda n, v: check_sparsity(v),
 }
 
@@ -65,7 +67,9 @@ class PruneConfig:
     the method's default. ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
     ``update`` corrects the kept weights after the mask: 'none', 'ec' (column then row
     energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the inverse
-    Hessian, keeping the method's mask).
+    Hessian, keeping the method's mask), or 'admm' (solve the kept weights by ADMM).
+    ``allocation`` shares the sparsity out among the blocks: 'uniform' or 'owl'
+    (zpruner.allocation).
 
     The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``, ``damp`` ...:
     ``zpruner.registry.constants()``) are keyword arguments too; they are kept in
@@ -86,6 +90,7 @@ class PruneConfig:
     # Calibration samples per block forward; None = as many as make ~4096 tokens (8 x 512,
     # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
     calib_batch_size: int | None = None
+    allocation: str = "uniform"
     constants: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -159,28 +164,46 @@ class PruneConfig:
         return get_update(self.update)
 
     @property
+    def allocation_entry(self) -> Method:
+        return get_allocation(self.allocation)
+
+    @property
     def uses_hessian(self) -> bool:
         return self.method_entry.needs_hessian or self.update_entry.needs_hessian
 
     @property
     def needs_calibration(self) -> bool:
         # reallocation checks each permutation on a calibration sample
-        return self.uses_hessian or self.reallocate or self.method_entry.needs_activations
+        return (self.uses_hessian or self.reallocate or self.method_entry.needs_activations
+                or self.allocation_entry.needs_activations)
 
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
     def used_constants(self) -> dict[str, Any]:
-        """The constants of the method and the update this configuration uses."""
-        used = [f.name for entry in (self.method_entry, self.update_entry) for f in entry.constant_fields]
+        """The constants of the method, the update and the allocation this configuration uses."""
+        used = [f.name for entry in (self.method_entry, self.update_entry, self.allocation_entry)
+                for f in entry.constant_fields]
         return {name: self.constants[name] for name in used}
+
+    def for_block(self, sparsity: float) -> "PruneConfig":
+        """This configuration at one block's share of a non-uniform allocation: ``sparsity``,
+        and for N:M the pattern N_b:M it stands for (already checked by the allocation)."""
+        block = copy.copy(self)
+        block.sparsity = sparsity
+        pattern = self.parsed_pattern
+        if pattern.is_nm:
+            block.pattern = f"{round(sparsity * pattern.m)}:{pattern.m}"
+        return block
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide this configuration's pruned weights: the constants of
         methods and updates it does not use, calibration settings of a data-free method and
         execution details (calib_batch_size) are left out, so equal results get equal keys."""
         used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
+        if self.allocation != "uniform":  # absent from results written before allocations, which are uniform
+            used.add("allocation")
         if self.needs_calibration:
             used |= {"nsamples", "seqlen", "seed", "calibration"}
         return {**{k: v for k, v in self.to_dict().items() if k in used}, **self.used_constants()}
@@ -198,7 +221,8 @@ class PruneConfig:
         may hold values that today's checks refuse (EC's clamp was once 0,inf)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"constants"}
         used: set[str] = set()
-        for lookup, name in ((get_method, d.get("method", cls.method)), (get_update, d.get("update", cls.update))):
+        for lookup, name in ((get_method, d.get("method", cls.method)), (get_update, d.get("update", cls.update)),
+                             (get_allocation, d.get("allocation", cls.allocation))):
             try:
                 used |= {f.name for f in lookup(name).constant_fields}
             except ZprunerError:

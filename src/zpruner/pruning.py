@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,8 @@ class PruneReport:
     reallocated: dict[str, dict[str, float]] = field(default_factory=dict)
     # fraction of zeros per layer, counted as each block is checkpointed (a streamed run)
     sparsity: dict[str, float] = field(default_factory=dict)
+    # the allocation's target per decoder block (--allocation other than uniform), else empty
+    block_sparsity: list[float] = field(default_factory=list)
 
 
 def pruned_weights(
@@ -134,14 +137,16 @@ def prune(
     start = time.perf_counter()
     dtype = next(model.parameters()).dtype
 
-    def prune_block(layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None, forward=None) -> None:
+    def prune_block(i: int, layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None,
+                    forward=None) -> None:
+        block_config = config.for_block(report.block_sparsity[i]) if report.block_sparsity else config
         for name, layer in layers.items():
             t = time.perf_counter()
             if config.reallocate:
-                gain = reallocate_inputs(layer, layers, stats[name], config, forward)
+                gain = reallocate_inputs(layer, layers, stats[name], block_config, forward)
                 if gain is not None:
                     report.reallocated[names[layer]] = gain
-            prune_layer(layer, stats[name] if stats else None, config)
+            prune_layer(layer, stats[name] if stats else None, block_config)
             report.layer_time_s[names[layer]] = time.perf_counter() - t
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
@@ -159,22 +164,33 @@ def prune(
         first = checkpoint.done
         for part in ("layer_time_s", "reallocated", "sparsity"):
             getattr(report, part).update(checkpoint.state[part])
+    if checkpoint is not None and "block_sparsity" in checkpoint.state:
+        report.block_sparsity = checkpoint.state["block_sparsity"]
+    else:
+        def survey(measure):
+            return _survey(model, calibration, measure, config, progress, blocks, spill)
+
+        report.block_sparsity = config.allocation_entry(survey, sparsity=config.sparsity,
+                                                        pattern=config.parsed_pattern,
+                                                        constants=config.constants) or []
+        if checkpoint is not None:
+            checkpoint.remember("block_sparsity", report.block_sparsity)
     if not config.needs_calibration:
         # Data-free: no reason to run the model at all.
         for i in bar(range(first, len(blocks)), desc="blocks", unit="block", disable=not progress):
             block = blocks.load(i)
-            prune_block(find_linears(block), None)
+            prune_block(i, find_linears(block), None)
             finished(i, block, None)
             blocks.done(i, block)
     else:
         if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
             raise ZprunerError(f"method '{config.method}' needs calibration token ids of shape [nsamples, seqlen]")
 
-        def visit(_i: int, block: nn.Module, forward) -> None:
+        def visit(i: int, block: nn.Module, forward) -> None:
             layers = find_linears(block)
             with record_inputs(layers, hessian=config.uses_hessian) as stats:
                 forward()
-            prune_block(layers, stats, forward)
+            prune_block(i, layers, stats, forward)
 
         resume = None
         if first:
@@ -188,6 +204,33 @@ def prune(
                           blocks=blocks, after=finished, resume=resume, spill=spill)
     report.total_s = time.perf_counter() - start
     return report
+
+
+def _survey(model: nn.Module, calibration: torch.Tensor | None, measure, config: PruneConfig, progress: bool,
+            blocks: Blocks, spill) -> tuple[list[float], list[int]]:
+    """``measure(weights, stats)`` of every block of the dense model, and each block's prunable
+    weights: one pass over the calibration data, statistics recorded during the forward that
+    carries the activations on (an allocation's survey, before any block is pruned)."""
+    if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
+        raise ZprunerError(f"allocation '{config.allocation}' needs calibration token ids of shape [nsamples, seqlen]")
+    values: list[float] = []
+    sizes: list[int] = []
+    current: list = []
+    with ExitStack() as recording:  # the hooks go however the pass ends
+        def visit(_i: int, block: nn.Module, _forward) -> None:
+            layers = find_linears(block)
+            current[:] = [layers, recording.enter_context(record_inputs(layers))]
+
+        def after(_i: int, _block: nn.Module, _hidden) -> None:
+            layers, stats = current
+            recording.close()  # this block's hooks off; the stack takes the next block's
+            weights = {name: weight_view(layer) for name, layer in layers.items()}
+            values.append(measure(weights, stats))
+            sizes.append(sum(W.numel() for W in weights.values()))
+
+        run_layerwise(model, calibration, visit, progress, config.calib_batch_size, blocks=blocks, after=after,
+                      spill=spill)
+    return values, sizes
 
 
 def _block_state(model: nn.Module, block: nn.Module) -> dict[str, torch.Tensor]:

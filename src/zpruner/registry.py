@@ -17,6 +17,9 @@ one file, or one function in an existing one::
         return W.abs().pow(my_power) * stats.l2
 
 Signatures by kind (W: [out, in] float32, keep: bool, True = kept):
+- allocation: ``fn(survey, *, sparsity, pattern, **constants) -> [sparsity per block]``
+  (``--allocation``), where ``survey(measure)`` runs the dense model over the calibration
+  data once and returns ``measure(weights, stats)`` of every block and the blocks' sizes;
 - score: ``fn(W, stats, **constants) -> S``, higher is more important;
 - solver: ``fn(W, stats, *, sparsity, pattern, **constants) -> (W', keep)``, choosing its
   own mask inside a reconstruction;
@@ -36,7 +39,7 @@ from typing import Any
 from .checks import check_float, check_int, check_pair
 from .errors import ZprunerError
 
-KINDS = ("score", "solver", "update")
+KINDS = ("score", "solver", "update", "allocation")
 
 
 def constant(default, help: str, *, minimum: float | None = None, strict: bool = False,
@@ -155,6 +158,8 @@ class Registry(dict):
 SCORES = Registry("score", "--method")
 SOLVERS = Registry("solver", "--method")
 UPDATES = Registry("update", "--update")
+# How the target sparsity is shared out among the decoder blocks (zpruner.allocation)
+ALLOCATIONS = Registry("allocation", "--allocation")
 
 
 def _method_kinds() -> tuple[Registry, ...]:
@@ -162,7 +167,7 @@ def _method_kinds() -> tuple[Registry, ...]:
 
 
 def _registries() -> tuple[Registry, ...]:
-    return SCORES, SOLVERS, UPDATES
+    return SCORES, SOLVERS, UPDATES, ALLOCATIONS
 
 
 def method_names() -> list[str]:
@@ -182,6 +187,12 @@ def get_update(name: str) -> Method:
     if name not in UPDATES:
         raise ZprunerError(f"update '{name}' is unknown; choose one of {', '.join(UPDATES)}")
     return UPDATES[name]
+
+
+def get_allocation(name: str) -> Method:
+    if name not in ALLOCATIONS:
+        raise ZprunerError(f"allocation '{name}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
+    return ALLOCATIONS[name]
 
 
 def constants() -> dict[str, Constant]:

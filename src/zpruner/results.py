@@ -45,6 +45,7 @@ class RunResult:
     dense_zero_shot: dict[str, Any] | None = None
     layer_time_s: dict[str, float] | None = None
     reallocated: dict[str, dict[str, float]] | None = None
+    block_sparsity: list[float] | None = None  # an allocation's target per decoder block (not uniform)
     perplexity: dict[str, float | None] | None = None
     perplexity_protocol: dict[str, Any] | None = None
     zero_shot: dict[str, Any] | None = None

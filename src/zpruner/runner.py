@@ -183,6 +183,8 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         results["layer_time_s"] = report.layer_time_s
         if config.prune.reallocate:
             results["reallocated"] = report.reallocated
+        if report.block_sparsity:
+            results["block_sparsity"] = report.block_sparsity
         measure("")
     if workspace.streamed:  # counted as each block was pruned, or read (zpruner eval)
         results["sparsity"] = sparsity_of(model, report.sparsity if report else workspace.blocks.zero_fractions())

@@ -11,6 +11,9 @@ def format_summary(results: RunResult | dict) -> str:
     if p:
         lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
                      f"pattern {p['pattern']}")
+        if result.block_sparsity:
+            b = result.block_sparsity
+            lines.append(f"allocation  {p.get('allocation')}: block sparsity {100 * min(b):.1f} % to {100 * max(b):.1f} %")
     lines.append(f"sparsity    {100 * result.sparsity['overall']:.2f} % of block linear weights are zero")
     for prefix, label in (("dense_", "dense"), ("", "pruned" if p else "model")):
         proto = result.ppl_protocol(prefix)

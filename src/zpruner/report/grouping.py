@@ -40,12 +40,14 @@ def setting_of(prune: dict) -> Setting:
 
 
 def method_label(prune: dict) -> str:
-    """'wanda', 'cvr+ec', 'magnitude+sparsegpt', 'ria+realloc' ..."""
+    """'wanda', 'cvr+ec', 'magnitude+sparsegpt', 'ria+realloc', 'admm+owl' ..."""
     label = prune["method"]
     if prune.get("update", "none") != "none":
         label += "+" + prune["update"]
     if prune.get("reallocate"):
         label += "+realloc"
+    if prune.get("allocation", "uniform") != "uniform":
+        label += "+" + prune["allocation"]
     return label
 
 
@@ -79,7 +81,7 @@ class Entry:
 
 # Rows in the papers' order; other registered methods follow (by name), updates in their
 # registration order (the ablation's: none, ec-col, ec-row, ec, then sparsegpt).
-METHOD_ORDER = ("magnitude", "wanda", "sparsegpt", "ria", "zpruner", "cvr")
+METHOD_ORDER = ("magnitude", "wanda", "sparsegpt", "ria", "zpruner", "cvr", "admm")
 
 
 def _constants(result: RunResult) -> dict:
@@ -113,7 +115,7 @@ def make_entries(results: list[RunResult], indices: list[int]) -> list[Entry]:
         differing = sorted(k for k in constants if len({json.dumps(c.get(k)) for c in variants[base]}) > 1)
         suffix = f" ({', '.join(f'{k}={json.dumps(constants.get(k))}' for k in differing)})" if differing else ""
         order = (_rank(METHOD_ORDER, prune["method"]), _rank(tuple(UPDATES), prune.get("update", "none")),
-                 bool(prune.get("reallocate")), base, suffix)
+                 bool(prune.get("reallocate")), prune.get("allocation", "uniform") != "uniform", base, suffix)
         entries.append(Entry(i, base, base + suffix, order, setting_of(prune), prune.get("seed"),
                              prune.get("nsamples"), ppl, result.zero_shot, zs_key(result, result.zero_shot)))
     return entries

@@ -120,6 +120,42 @@ def _zero_shot_table(group: Group, key: tuple) -> tuple[list[str], set[int], str
     return _table(["method", "sparsity", *tasks, "average"], body, 2), used, zs_text
 
 
+def _best_table(group: Group, settings: list[Setting]) -> tuple[list[str], set[int]]:
+    """Per sparsity setting, the configuration with the lowest perplexity, beside SparseGPT's
+    (the baseline to beat) when it was measured in the same group."""
+    cells: dict[tuple, list[Entry]] = defaultdict(list)
+    for e in group.entries:
+        if e.ppl is not None:
+            cells[e.setting, e.label].append(e)
+    body, used = [], set()
+    for setting in settings:
+        means = {label: statistics.fmean(e.ppl for e in es) for (s, label), es in cells.items() if s == setting}
+        if len(means) < 2:
+            continue
+        best = min(means, key=means.get)
+        reference = means.get("sparsegpt")
+        body.append([setting.label, best, f"{means[best]:.2f}", "" if reference is None else f"{reference:.2f}",
+                     "" if reference is None else f"{means[best] / reference:.3f}"])
+        used.update(e.index for label in (best, "sparsegpt") for e in cells.get((setting, label), []))
+    if not body:
+        return [], used
+    return _table(["sparsity", "best configuration", "perplexity", "sparsegpt", "× sparsegpt"], body, 2), used
+
+
+def _allocation_table(results: list[RunResult], group: Group) -> tuple[list[str], set[int]]:
+    """The per-block sparsities of results pruned with a non-uniform allocation (OWL)."""
+    body, used = [], set()
+    for e in sorted(group.entries, key=lambda e: (e.order, e.setting.order)):
+        blocks = results[e.index].block_sparsity
+        if blocks:
+            body.append([e.label, e.setting.label, f"{min(blocks) * 100:.1f}", f"{max(blocks) * 100:.1f}",
+                         " ".join(f"{x * 100:.1f}" for x in blocks)])
+            used.add(e.index)
+    if not body:
+        return [], used
+    return _table(["method", "sparsity", "min %", "max %", "per block, first to last (%)"], body, 2), used
+
+
 def _image(name: str | None, alt: str) -> list[str]:
     return ["", f"![{alt}]({name})"] if name else []
 
@@ -164,6 +200,8 @@ def group_sections(results: list[RunResult], group: Group, sparsity_plot: str | 
         table, used = _ppl_table(group, unstructured, [(label, name) for label, name in labels if label in swept])
         emit("Table 4 — perplexity across unstructured sparsity", table, used,
              extra=_image(sparsity_plot, "perplexity versus unstructured sparsity"))
+    emit("Best configuration per sparsity", *_best_table(group, settings))
+    emit("Per-block sparsity of non-uniform allocations", *_allocation_table(results, group))
     bases = {e.label: e.base for e in group.entries if e.ppl is not None}
     ablation = [(label, name + label[len(base):]) for base, name in ABLATION
                 for label, _ in labels if bases.get(label) == base]
