@@ -101,12 +101,13 @@ def assert_close_relative(actual, expected, rtol):
 @pytest.mark.parametrize("clamp", [(0.0, float("inf")), (0.8, 1.25)])
 @pytest.mark.parametrize("offset", [0.0, 0.3])
 def test_ec_equals_the_reference_formula(small_chunks, axes, clamp, offset):
+    """Bit for bit: verified results (the SmolLM2 quick table) stay unchanged."""
     W0, _, keep = layer(37, 53, seed=1, offset=offset)
     expected = ref_energy_compensate(W0, W0 * keep, keep, axes, clamp)
-    assert_close_relative(energy_compensate(W0, W0 * keep, keep, axes, clamp), expected, 1e-6)
+    assert torch.equal(energy_compensate(W0, W0 * keep, keep, axes, clamp), expected)
     # in place on a masked copy, and from W0 alone (W None: masked inside the first pass)
-    assert_close_relative(energy_compensate_(W0, W0 * keep, keep, axes, clamp), expected, 1e-6)
-    assert_close_relative(energy_compensate_(W0, None, keep, axes, clamp), expected, 1e-6)
+    assert torch.equal(energy_compensate_(W0, W0 * keep, keep, axes, clamp), expected)
+    assert torch.equal(energy_compensate_(W0, None, keep, axes, clamp), expected)
 
 
 def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
@@ -114,7 +115,7 @@ def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
     W0, _, keep = layer(40, 48, seed=2)
     W = (W0 + 0.1 * torch.randn_like(W0)) * keep
     expected = ref_energy_compensate(W0, W, keep)
-    assert_close_relative(energy_compensate_(W0, W.clone(), keep), expected, 1e-6)
+    assert torch.equal(energy_compensate_(W0, W.clone(), keep), expected)
     assert not torch.allclose(energy_compensate_(W0, None, keep), expected, rtol=1e-3)
 
 
@@ -131,7 +132,7 @@ def test_ec_rejects_an_unknown_axis():
 def test_scores_equal_the_reference_formulas(small_chunks, offset):
     W, stats, _ = layer(45, 61, seed=3, offset=offset)
     assert_close_relative(ria(W, stats, a=0.5), ref_ria(W, stats, 0.5), 1e-6)
-    assert_close_relative(zpruner(W, stats), ref_zpruner(W, stats), 1e-6)
+    assert torch.equal(zpruner(W, stats), ref_zpruner(W, stats))
     assert_close_relative(cvr(W, stats, alpha=1.0, eps=1e-6), ref_cvr(W, stats, 1.0, 1e-6), 1e-6)
     assert torch.equal(wanda(W, stats), W.abs() * stats.l2[None, :])
 
@@ -142,7 +143,23 @@ def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
     W[:, 7] = 0
     S = zpruner(W, stats)
     assert torch.isfinite(S).all()
-    assert_close_relative(S, ref_zpruner(W, stats), 1e-6)
+    assert torch.equal(S, ref_zpruner(W, stats))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zpruner_and_ec_of_a_real_shaped_layer_are_the_reference_bit_for_bit(threads):
+    """A SmolLM2 MLP shape, default chunks (several per matrix): the whole-matrix
+    reductions stay whole and the per-row ones chunked, on one thread and on two (the
+    chunks then run on the worker pool while the reference's reductions use two threads)."""
+    W, stats, keep = layer(1536, 576, seed=12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.equal(zpruner(W, stats), ref_zpruner(W, stats))
+        expected = ref_energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25))
+        assert torch.equal(energy_compensate_(W, None, keep, ("col", "row"), (0.8, 1.25)), expected)
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- layer-wide selection ----------------------------------------------------------------------
