@@ -14,7 +14,7 @@ import torch
 
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
-from .rowpass import Scratch, map_chunks, mask_as_float
+from .rowpass import Scratch, map_chunks
 from .stats import ActivationStats
 
 
@@ -105,9 +105,7 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     mean_r, std_r = standardisation(row_norm)
     mean_c, std_c = standardisation(col_norm)
     A = torch.abs(W, out=S)
-    below = A < 0.1 * A.mean()
-    small = mask_as_float(below, S).mean()  # (A < 0.1·mean|A|).float().mean(), in S
-    del below
+    small = torch.lt(A, 0.1 * A.mean(), out=S).mean()  # (A < 0.1·mean|A|).float().mean(), in S
     alpha = 0.7 * (1 - 0.3 * small)
     act = stats.l2.to(W.device).pow(1.5)[None, :]
 
