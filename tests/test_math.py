@@ -155,3 +155,26 @@ def test_record_inputs_shares_one_computation_between_layers_fed_the_same_tensor
     assert stats["q"].count == 13
     assert torch.allclose(stats["q"].xtx, flat.t() @ flat + y.t() @ y, atol=1e-5)
     assert stats["q"].xtx is not stats["k"].xtx and stats["q"].sum is not stats["k"].sum
+
+
+def test_hessian_is_accumulated_inside_the_product_and_shared_bit_for_bit():
+    """XᵀX += xᵀx is rounded as addmm_ rounds it (``xtx += xᵀ @ x`` is not the same float32
+    sum and moved verified SparseGPT results), for every layer fed the same tensors, whether
+    a layer computes its own product or copies another's."""
+    torch.manual_seed(1)
+    q, k, v, o = (nn.Linear(96, 8) for _ in range(4))
+    xs = [torch.randn(2, 300, 96) * torch.rand(96) * 3 for _ in range(5)]
+    with record_inputs({"q": q, "k": k, "v": v, "o": o}, hessian=True) as stats:
+        for i, x in enumerate(xs):
+            q(x), k(x), v(x)
+            o(x if i % 2 else x.clone())  # the same values, not always the same tensor
+    expected = torch.zeros(96, 96)
+    for x in xs:
+        expected.addmm_(x.reshape(-1, 96).t(), x.reshape(-1, 96))
+    for name in "qkvo":
+        assert torch.equal(stats[name].xtx, expected), name
+    assert len({id(stats[name].xtx) for name in "qkvo"}) == 4  # separate accumulators
+    alone = ActivationStats(96, hessian=True)
+    for x in xs:
+        alone.add(x)
+    assert torch.equal(alone.xtx, expected)

@@ -84,6 +84,7 @@ def permute_stats(stats: ActivationStats, perm: torch.Tensor) -> None:
     stats.sum, stats.sumsq = stats.sum[perm], stats.sumsq[perm]
     if stats.xtx is not None:
         stats.xtx = stats.xtx[perm][:, perm]
+        stats.xtx_changed()
 
 
 @torch.no_grad()

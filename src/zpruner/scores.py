@@ -8,13 +8,16 @@ method that is not a score: it chooses its mask inside its reconstruction (a sol
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
-from .rowpass import Scratch, map_chunks, sum_parts
+from .rowpass import Scratch, map_chunks
 from .stats import ActivationStats
 
 
@@ -75,6 +78,71 @@ def ria(W: torch.Tensor, stats: ActivationStats, *, a: float) -> torch.Tensor:
     return S
 
 
+# Whole-matrix scalars of the Z-Pruner score, as torch computes them on two threads. A
+# full reduction in torch depends on its thread count: from GRAIN elements on, each thread
+# sums its own contiguous share (cascade sums in float32 for a sum or mean; a sequential
+# float64 sum of squared deviations for a std), then the shares are added. The verified
+# Table 1 (experiments/quick_table/) was measured on two threads, and the float32 mean of a
+# normalised matrix moves in its last bit with the split, which flips some of Z-Pruner's N:M
+# choices: SmolLM2 4:8 gives 117.385 on two threads, 118.113 on one. So these scalars are
+# always computed as two shares on one thread each: the two-thread results, on any machine
+# and any thread count.
+_REDUCTION_SHARES = 2
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: fewer elements are reduced in one share
+_STD_CHUNK = 1 << 20  # float64 elements per step of a share's sequential sum
+
+
+def _shares(n: int) -> list[slice]:
+    """The contiguous ranges torch's parallel_for gives its threads (two, from _GRAIN on)."""
+    parts = min(_REDUCTION_SHARES, max(1, -(-n // _GRAIN))) if n >= _GRAIN else 1
+    size = -(-n // parts)
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _matrix_mean(X: torch.Tensor) -> torch.Tensor:
+    """X.mean() as torch computes it on two threads: Σ of each share's sum, then / n."""
+    flat = X.reshape(-1)
+    with _one_thread():
+        parts = [flat[share].sum() for share in _shares(flat.numel())]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total.div_(flat.numel())
+
+
+def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """X.std() (unbiased) as torch computes it on two threads, given ``_matrix_mean(X)``:
+    Σ (x − mean)² in float64, sequentially within each share, the shares added in order."""
+    flat = X.reshape(-1)
+    m = float(mean)
+    step = min(_STD_CHUNK, flat.numel())
+    # [running sum, (x − m)² of the next elements]; its cumulative sum is the sequential one
+    terms = torch.empty(step + 1, dtype=torch.float64, device=X.device)
+    sums = torch.empty_like(terms)
+    total = 0.0
+    for share in _shares(flat.numel()):
+        running = 0.0
+        for a in range(share.start, share.stop, step):
+            b = min(a + step, share.stop)
+            part = terms[:b - a + 1]
+            part[0] = running
+            part[1:].copy_(flat[a:b]).sub_(m).square_()
+            running = float(torch.cumsum(part, 0, out=sums[:b - a + 1])[-1])
+        total = total + running
+    var = total / max(0.0, flat.numel() - 1)
+    return torch.tensor(math.sqrt(var), dtype=torch.float64).to(device=X.device, dtype=torch.float32)
+
+
 @SCORES.register("zpruner", needs_activations=True, default_group="row")
 def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     """Z-Pruner importance (Bhuiyan et al. 2025, arXiv 2508.15828, sec. 3):
@@ -82,42 +150,31 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     S = (α·|z_r|³ + (1 − α)·|z_c|³) · ‖x_j‖₂^1.5 with α = 0.7·(1 − 0.3·s), where s is the
     fraction of |W| below 0.1·mean|W| (the paper's sparsity-aware blend).
 
-    Three chunked passes over W (column norms and Σ|W|; the spreads of both normalised
-    matrices and the count behind s; the score) plus plain row and column reductions; no
-    normalised matrix is ever stored: mean(W/‖W_i‖) is Σ_i rowsum_i/‖W_i‖ over the size
-    (and likewise for columns).
+    Bit for bit the textbook form (the reference in tests/test_fast_paths.py) as torch
+    runs it on two threads, on any thread count: the norms are torch's own reductions over
+    the whole matrix, the means and stds its two-thread ones (``_matrix_mean``; chunked
+    partial sums, as issue 14 had them, moved the verified SmolLM2 4:8 and 2:4 perplexities
+    by over 1 %). Each whole-matrix operand is written in turn into the score's own buffer,
+    so nothing else full-size is allocated; the elementwise score is one chunked pass.
     """
     W = W.float()
-    n = W.numel()
-    # (sums, not torch.linalg.vector_norm: its float32 accumulation over a whole chunk
-    # loses about 1e-5 relative, where torch.sum's cascade keeps 1e-7)
-    def magnitudes(rows: slice, scratch: Scratch) -> torch.Tensor:
-        buf = torch.abs(W[rows], out=scratch.get(0, rows.stop - rows.start))
-        abs_sum = buf.sum().reshape(1, 1).expand(1, W.shape[1])  # carried in a row of its own
-        return torch.cat([abs_sum, buf.square_().sum(dim=0, keepdim=True)])
-
-    abs_sum, col_sq = sum_parts(map_chunks(magnitudes, W)).split(1)
     row_norm = W.norm(dim=1, keepdim=True)
-    col_norm = col_sq.sqrt_()
+    col_norm = W.norm(dim=0, keepdim=True)
     row_norm, col_norm = row_norm.where(row_norm > 0, 1.0), col_norm.where(col_norm > 0, 1.0)
-    mean_r = (W.sum(dim=1, keepdim=True) / row_norm).sum() / n
-    mean_c = (W.sum(dim=0, keepdim=True) / col_norm).sum() / n
-    small_below = 0.1 * abs_sum[0, 0] / n  # 0.1·mean|W|
+    S = torch.empty_like(W)  # the score in the end; until then each whole-matrix operand in turn
 
-    def spreads(rows: slice, scratch: Scratch) -> torch.Tensor:
-        block = W[rows]
-        buf = scratch.get(0, block.shape[0])
-        ss_r = torch.div(block, row_norm[rows], out=buf).sub_(mean_r).square_().sum()
-        ss_c = torch.div(block, col_norm, out=buf).sub_(mean_c).square_().sum()
-        small = torch.count_nonzero(torch.abs(block, out=buf) < small_below)
-        return torch.stack([ss_r, ss_c, small.float()])
+    def standardisation(norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std (unbiased, as torch.std; 1 for a constant matrix) of W / norm."""
+        X = torch.div(W, norm, out=S)
+        mean = _matrix_mean(X)
+        std = _matrix_std(X, mean)
+        return mean, std.where(std > 0, 1.0)
 
-    ss_r, ss_c, small = sum_parts(map_chunks(spreads, W))
-    # unbiased, as torch.std; a constant matrix has std 0 and is only centred
-    std_r, std_c = [(ss / max(n - 1, 1)).sqrt() for ss in (ss_r, ss_c)]
-    std_r, std_c = std_r.where(std_r > 0, 1.0), std_c.where(std_c > 0, 1.0)
-    alpha = 0.7 * (1 - 0.3 * (small / n))
-    S = torch.empty_like(W)
+    mean_r, std_r = standardisation(row_norm)
+    mean_c, std_c = standardisation(col_norm)
+    A = torch.abs(W, out=S)
+    small = _matrix_mean(torch.lt(A, 0.1 * _matrix_mean(A), out=S))  # (A < 0.1·mean|A|).float().mean()
+    alpha = 0.7 * (1 - 0.3 * small)
     act = stats.l2.to(W.device).pow(1.5)[None, :]
 
     def score(rows: slice, scratch: Scratch) -> None:
