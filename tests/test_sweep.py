@@ -186,6 +186,15 @@ def test_run_key_ignores_paths_and_batching_but_not_settings():
     assert run_key(base) != run_key(RunConfig(ModelConfig("m"), PruneConfig("wanda", seqlen=256)))
 
 
+def test_run_key_counts_a_whole_number_and_its_float_as_one_setting():
+    # a grid file may say admm_rho = 1 where the CLI stores 1.0: the same run either way
+    def key(**kw):
+        return run_key(RunConfig(ModelConfig("m"), PruneConfig("admm", **kw)))
+
+    assert key(constants={"admm_rho": 1}, sparsity=0) == key(constants={"admm_rho": 1.0}, sparsity=0.0)
+    assert key(constants={"admm_rho": 1}) != key(constants={"admm_rho": 2})
+
+
 def test_adopted_single_runs_are_not_run_again(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
     model_dir, solo, results = tiny_model_dir("llama"), tmp_path / "solo.json", tmp_path / "r.jsonl"
     assert main(["prune", "--model", str(model_dir), "--data-dir", str(tiny_data_dir), "--pattern", "2:4",

@@ -26,18 +26,24 @@ import torch
 
 from .masks import Pattern
 from .registry import ALLOCATIONS, constant
+from .scores import wanda
 
 # survey(measure) -> (measure of every block, prunable weights of every block)
 Survey = Callable[[Callable[[dict, dict], float]], tuple[list[float], list[int]]]
 
 
 def outlier_fraction(weights: dict[str, torch.Tensor], stats: dict, m: float) -> float:
-    """Fraction of a block's weights whose |W|·‖x‖ exceeds ``m`` × the block's mean of it
-    (all its linear layers together, as OWL counts)."""
+    """Fraction of a block's weights whose Wanda score |W|·‖x‖ exceeds ``m`` × the block's
+    mean score (all its linear layers together, as OWL counts)."""
+    # Two passes, each layer's score made anew: holding every layer's scores at once would
+    # cost a float32 copy of the whole block, which streaming a large model cannot afford.
+    def scores():
+        for name, W in weights.items():
+            yield wanda(W.float(), stats[name])
+
     total = sum(W.numel() for W in weights.values())
-    mean = sum(float((W.float().abs() * stats[n].l2[None, :]).sum()) for n, W in weights.items()) / total
-    above = sum(int(((W.float().abs() * stats[n].l2[None, :]) > m * mean).sum()) for n, W in weights.items())
-    return above / total
+    mean = sum(float(S.sum()) for S in scores()) / total
+    return sum(int((S > m * mean).sum()) for S in scores()) / total
 
 
 def _weighted_mean(values: torch.Tensor, sizes: torch.Tensor) -> float:

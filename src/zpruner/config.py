@@ -150,6 +150,7 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         check_sparsity(self.sparsity)
+        self.sparsity = float(self.sparsity)  # 0.5 from anywhere, one run key
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
         if self.reallocate and (not pattern.is_nm or method.kind != "score"):

@@ -184,8 +184,7 @@ def prune(
             finished(i, block, None)
             blocks.done(i, block)
     else:
-        if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
-            raise ZprunerError(f"method '{config.method}' needs calibration token ids of shape [nsamples, seqlen]")
+        _require_tokens(calibration, f"method '{config.method}'")
 
         def visit(i: int, block: nn.Module, forward) -> None:
             layers = find_linears(block)
@@ -207,13 +206,17 @@ def prune(
     return report
 
 
+def _require_tokens(calibration: torch.Tensor | None, who: str) -> None:
+    if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
+        raise ZprunerError(f"{who} needs calibration token ids of shape [nsamples, seqlen]")
+
+
 def _survey(model: nn.Module, calibration: torch.Tensor | None, measure, config: PruneConfig, progress: bool,
             blocks: Blocks, spill) -> tuple[list[float], list[int]]:
     """``measure(weights, stats)`` of every block of the dense model, and each block's prunable
     weights: one pass over the calibration data, statistics recorded during the forward that
     carries the activations on (an allocation's survey, before any block is pruned)."""
-    if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
-        raise ZprunerError(f"allocation '{config.allocation}' needs calibration token ids of shape [nsamples, seqlen]")
+    _require_tokens(calibration, f"allocation '{config.allocation}'")
     values: list[float] = []
     sizes: list[int] = []
     current: list = []

@@ -77,6 +77,7 @@ class Constant:
             check_int(self.name, value, minimum=None if self.minimum is None else int(self.minimum))
         elif self.kind == "float":
             check_float(self.name, value, self.minimum, self.strict)
+            value = float(value)  # 1 and 1.0 are one constant, and one run key
         else:
             value = check_pair(self.name, value)
         if self.check is not None:
