@@ -185,15 +185,11 @@ def get_method(name: str) -> Method:
 
 
 def get_update(name: str) -> Method:
-    if name not in UPDATES:
-        raise ZprunerError(f"update '{name}' is unknown; choose one of {', '.join(UPDATES)}")
-    return UPDATES[name]
+    return UPDATES.get_method(name)
 
 
 def get_allocation(name: str) -> Method:
-    if name not in ALLOCATIONS:
-        raise ZprunerError(f"allocation '{name}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
-    return ALLOCATIONS[name]
+    return ALLOCATIONS.get_method(name)
 
 
 def constants() -> dict[str, Constant]:
