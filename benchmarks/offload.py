@@ -52,7 +52,7 @@ def zpruner(argv: list[str], label: str, out: Path, extra: dict) -> dict:
 
 
 def smollm2(args) -> None:
-    for mode in ("none", "disk"):
+    for mode in args.modes.split(","):
         zpruner(["prune", "--model", "smollm2-135m", "--method", "wanda", "--protocol", "quick",
                  "--data-dir", args.data_dir, "--offload", mode], f"smollm2 wanda 50% {mode}", args.out,
                 {"set": "smollm2"})
@@ -60,9 +60,10 @@ def smollm2(args) -> None:
 
 def seven_b(args) -> None:
     calibration = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    zpruner(["eval", "--model", args.model, "--data-dir", args.data_dir, "--offload", "disk", "--eval-seqlen",
-             str(args.seqlen), "--eval-windows", str(args.nsamples)], "7b streamed forward", args.out,
-            {"set": "7b", "tokens": args.nsamples * args.seqlen})
+    if not args.no_forward:
+        zpruner(["eval", "--model", args.model, "--data-dir", args.data_dir, "--offload", "disk", "--eval-seqlen",
+                 str(args.seqlen), "--eval-windows", str(args.nsamples)], "7b streamed forward", args.out,
+                {"set": "7b", "tokens": args.nsamples * args.seqlen})
     for method in args.methods.split(","):
         zpruner(["prune", "--model", args.model, "--data-dir", args.data_dir, "--offload", "disk", "--method",
                  method, *calibration, "--no-eval"], f"7b {method} 50%", args.out,
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     parser.add_argument("--model", help="the synthetic 7B folder (set 7b)")
     parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--modes", default="none,disk", help="set smollm2: the --offload modes to run")
+    parser.add_argument("--no-forward", action="store_true",
+                        help="set 7b: skip the streamed forward (already in --out from the same session)")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)

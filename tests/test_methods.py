@@ -171,6 +171,23 @@ def test_sparsegpt_gives_up_with_a_clear_error():
         inverse_hessian_factor(-torch.eye(3), 0.01)
 
 
+def test_inverse_hessian_factor_is_the_cholesky_of_the_damped_inverse_bit_for_bit():
+    """The factorisation works on one copy at a time (memory); its bits are those of the
+    textbook expression chol((H + λI)⁻¹) with λ = damp · mean(diag H), dead inputs at 1."""
+    _, X = correlated_layer()
+    X[:, 3] = 0  # a dead input: its row and column of H are zeros, some of them -0.0
+    X[:, 5] = -X[:, 5]
+    H = X.t() @ X
+    H[3, 5] = H[5, 3] = -0.0
+    expected_H = H.clone()
+    expected_H[3, 3] = 1.0
+    damped = expected_H + 0.01 * expected_H.diagonal().mean() * torch.eye(len(H))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    U = inverse_hessian_factor(H, 0.01)
+    assert U.numpy().tobytes() == expected.numpy().tobytes()
+    assert H[3, 3] == 0 and torch.equal(H.diagonal()[torch.arange(len(H)) != 3], expected_H.diagonal()[torch.arange(len(H)) != 3])
+
+
 def test_sparsegpt_dead_inputs_do_not_break_the_factorisation():
     Wt, X = correlated_layer()
     X[:, 3] = 0

@@ -10,8 +10,6 @@ reconstruction: the Z-Pruner code's ``--reconstruction``). Registered as the sol
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +30,24 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     cannot change the calibration outputs. If the factorisation fails (H numerically
     singular), λ is raised tenfold with a warning and retried; never silently skipped.
     """
-    H = H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    mean_diag = H.diagonal().mean()
+    H = H.float()
+    # Working copies are freed as soon as the next one exists: for LLaMA-2-7B's down_proj
+    # each is 485 MB, and with H + λI built from an identity matrix the factorisation peaked
+    # at five of them, its input included (three now: benchmarks/factor_memory.py), and a 7B
+    # SparseGPT run under --offload disk at 4.37 GiB.
     for attempt in range(MAX_DAMP_RAISES + 1):
         factor = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + factor * mean_diag * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        A = H + 0.0  # a copy that, like H + λI, stores no -0.0 off the diagonal
+        diagonal = A.diagonal()
+        diagonal[diagonal == 0] = 1.0
+        diagonal += factor * diagonal.mean()  # the mean of the strided view: its own rounding
+        L, info = torch.linalg.cholesky_ex(A)
+        del A, diagonal  # the view would keep the copy alive
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return U
         if attempt < MAX_DAMP_RAISES:
@@ -50,20 +57,6 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
         f"SparseGPT: the Hessian stays singular even with damping {damp * 10**MAX_DAMP_RAISES:g}; "
         "use more calibration data (--nsamples, --seqlen)"
     )
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """The solver is thousands of small ops: on CPU, spreading each over threads costs more
-    than it saves (on a busy 2-core machine, two threads made a 576 x 1536 layer over ten
-    times slower than one)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_after: int) -> torch.Tensor:
@@ -83,9 +76,12 @@ def sparsegpt(
     keep None: choose the mask inside the solver (unstructured at ``sparsity`` per layer,
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
     ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns.
+
+    Runs on torch's threads: on an idle 2-core CPU two threads beat one at every layer
+    shape measured, SmolLM2's to LLaMA-2-13B's (benchmarks/README.md, "SparseGPT's solver
+    on torch's threads"); cap them with OMP_NUM_THREADS on a machine shared with other jobs.
     """
-    with _one_cpu_thread(W.device):
-        return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp)
+    return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp)
 
 
 def _solve(
