@@ -183,9 +183,10 @@ def test_inverse_hessian_factor_is_the_cholesky_of_the_damped_inverse_bit_for_bi
     expected_H[3, 3] = 1.0
     damped = expected_H + 0.01 * expected_H.diagonal().mean() * torch.eye(len(H))
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    before = H.clone()
     U = inverse_hessian_factor(H, 0.01)
     assert U.numpy().tobytes() == expected.numpy().tobytes()
-    assert H[3, 3] == 0 and torch.equal(H.diagonal()[torch.arange(len(H)) != 3], expected_H.diagonal()[torch.arange(len(H)) != 3])
+    assert H.numpy().tobytes() == before.numpy().tobytes()  # the caller's statistics are left as they were
 
 
 def test_sparsegpt_dead_inputs_do_not_break_the_factorisation():
