@@ -12,7 +12,6 @@ factorisation needs, then the factorisation runs and the process's own high-wate
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import sys
 
 def child(d_in: int) -> None:
     import torch
+    from zpruner.offload import give_back_freed_memory
     from zpruner.sparsegpt import inverse_hessian_factor
 
     gen = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ def child(d_in: int) -> None:
     H = X.T @ X
     H.diagonal().add_(float(d_in))
     del X
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    give_back_freed_memory()
     with open("/proc/self/status") as f:
         before = int(f.read().split("VmRSS:")[1].split()[0]) * 1024
     inverse_hessian_factor(H, 0.01)

@@ -152,7 +152,6 @@ def prune(
                 if gain is not None:
                     report.reallocated[names[layer]] = gain
             prune_layer(layer, layer_stats, block_config)
-            del layer_stats
             report.layer_time_s[names[layer]] = time.perf_counter() - t
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
