@@ -118,9 +118,14 @@ def test_corrupt_gguf(capsys, tmp_path, tiny_data_dir, monkeypatch, content):
 
 
 def test_missing_data_without_hub_names_the_option(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
     monkeypatch.delenv("ZPRUNER_DATA_DIR", raising=False)
+    # offline for sure, at once: the clients read the variables when they are first imported,
+    # so setting HF_HUB_OFFLINE now would leave them trying the network until a timeout
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     argv = ["eval", "--model", str(tiny_model_dir("llama")), "--eval-seqlen", "32", "--quiet"]
     _expect_error(capsys, tmp_path, argv, "--data-dir")

@@ -6,7 +6,7 @@ import torch
 from zpruner import rowpass
 from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, keep_mask
-from zpruner.scores import cvr, ria, wanda, zpruner
+from zpruner.scores import column_variance, cvr, ria, wanda, zpruner
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
 from zpruner.updates import energy_compensate, energy_compensate_
@@ -135,6 +135,29 @@ def test_scores_equal_the_reference_formulas(small_chunks, offset):
     assert torch.equal(zpruner(W, stats), ref_zpruner(W, stats))
     assert_close_relative(cvr(W, stats, alpha=1.0, eps=1e-6), ref_cvr(W, stats, 1.0, 1e-6), 1e-6)
     assert torch.equal(wanda(W, stats), W.abs() * stats.l2[None, :])
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (45, 61), (300, 2), (1536, 576), (576, 1536), (768, 2304)])
+@pytest.mark.parametrize("offset", [0.0, 0.05, 30.0])
+@pytest.mark.parametrize("layout", ["[out, in]", "transposed (GPT-2 Conv1D)"])
+def test_column_variance_is_torchs_bit_for_bit(small_chunks, shape, offset, layout):
+    """CVR's c_j: verified results (the SmolLM2 CVR cells) need torch's exact bits, also
+    with a mean far from zero (offset 30: variance 1e5 times smaller than the mean's
+    square), constant and zero columns, one row and two columns."""
+    W, _, _ = layer(*shape, seed=sum(shape), offset=offset)
+    W[:, 0] = 0.0
+    W[:, -1] = 0.3
+    if layout != "[out, in]":
+        W = W.t().contiguous().t()
+    assert torch.equal(column_variance(W), W.var(dim=0, unbiased=False))
+
+
+@pytest.mark.parametrize("case", ["float64", "one column"])
+def test_column_variance_elsewhere_is_torchs_own(case):
+    W = layer(300, 20, seed=5)[0]
+    W[:, 0] = 0.3  # torch gives a lone constant column 8.9e-16, and so must we
+    W = {"float64": W.double(), "one column": W[:, :1].contiguous()}[case]
+    assert torch.equal(column_variance(W), W.var(dim=0, unbiased=False))
 
 
 def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):

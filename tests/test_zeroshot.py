@@ -269,13 +269,13 @@ def test_hub_tasks_without_the_hub_name_the_data_dir_option(capsys, tmp_path, mo
 @pytest.mark.real_model
 def test_smollm2_arc_easy_dense_above_chance_and_pruned_below_dense(smollm2, shared_data):
     model, tokenizer = smollm2
-    # The first 100 items, the same every run (dense 0.46, magnitude 70 % 0.21 measured on them):
-    # half of 200's time, and both checks still pass by more than 0.1.
-    dense = evaluate_tasks(model, tokenizer, "arc_easy", shared_data, limit=100, batch_size=16, progress=False)
+    # The first 50 items, the same every run (dense 0.46, magnitude 70 % 0.22 measured on
+    # them; 0.46 and 0.21 on 100): both checks still pass by more than 0.1.
+    dense = evaluate_tasks(model, tokenizer, "arc_easy", shared_data, limit=50, batch_size=16, progress=False)
     pruned_model = copy.deepcopy(model)
     prune(pruned_model, PruneConfig(method="magnitude", sparsity=0.7), None, progress=False)
-    pruned = evaluate_tasks(pruned_model, tokenizer, "arc_easy", shared_data, limit=100, batch_size=16,
+    pruned = evaluate_tasks(pruned_model, tokenizer, "arc_easy", shared_data, limit=50, batch_size=16,
                             progress=False)
-    assert dense["arc_easy"]["n"] == pruned["arc_easy"]["n"] == 100
+    assert dense["arc_easy"]["n"] == pruned["arc_easy"]["n"] == 50
     assert dense["arc_easy"]["acc"] > 0.35, dense  # 4 choices: chance is 0.25
     assert pruned["arc_easy"]["acc"] < dense["arc_easy"]["acc"] - 0.1, (dense, pruned)
