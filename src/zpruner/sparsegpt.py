@@ -77,9 +77,10 @@ def sparsegpt(
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
     ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns.
 
-    Runs on torch's threads: on an idle 2-core CPU two threads beat one at every layer
-    shape measured, SmolLM2's to LLaMA-2-13B's (benchmarks/README.md, "SparseGPT's solver
-    on torch's threads"); cap them with OMP_NUM_THREADS on a machine shared with other jobs.
+    Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast
+    as one from LLaMA-2-7B's layer shapes up, and 0.84-1.23 times on SmolLM2's small ones
+    (benchmarks/README.md, "SparseGPT's solver on torch's threads"); cap them with
+    OMP_NUM_THREADS on a machine shared with other jobs.
     """
     return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp)
 
