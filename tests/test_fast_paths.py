@@ -5,7 +5,7 @@ import torch
 
 from zpruner import rowpass
 from zpruner.masks import Pattern
-from zpruner.masks import drop_lowest, keep_mask
+from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
 from zpruner.scores import column_variance, cvr, ria, wanda, zpruner
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
@@ -279,6 +279,20 @@ def test_layer_selection_falls_back_when_the_sample_misses(monkeypatch):
     score = torch.randperm(100_000, generator=torch.Generator().manual_seed(7)).float().reshape(1, -1)
     for k in (1, 1000, 50_000, 99_999):
         assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+
+
+def test_selection_as_a_set_is_the_same_in_any_order_and_declines_ties_at_the_cut():
+    g = torch.Generator().manual_seed(12)
+    score = torch.randn(300_000, generator=g)
+    order = torch.randperm(score.numel(), generator=g)
+    k = 150_001
+    keep = drop_lowest_set(score, k)
+    assert torch.equal(keep, ref_drop_lowest(score.reshape(1, -1), k).reshape(-1))
+    assert torch.equal(drop_lowest_set(score[order], k), keep[order])
+    tied = torch.randint(7, (300_000,), generator=g).float()  # the cut falls inside a level
+    assert drop_lowest_set(tied, k) is None
+    assert drop_lowest_set(score[:1000], 10) is None  # too few to search: top-k decides
+    assert drop_lowest_set(tied, 0).all() and not drop_lowest_set(tied, tied.numel()).any()
 
 
 def test_layer_mask_of_a_real_shaped_score_matches_topk():

@@ -11,7 +11,7 @@ from zpruner import PruneConfig, prune
 from zpruner.masks import Pattern
 from zpruner.errors import ZprunerError
 from zpruner.layers import iter_prunable, weight_view
-from zpruner.masks import keep_mask
+from zpruner.masks import drop_lowest, keep_mask, n_pruned
 from zpruner.reallocation import best_permutation, heuristic_permutation, nm_retained
 from zpruner.scores import cvr, ria, zpruner
 from zpruner.sparsegpt import inverse_hessian_factor, sparsegpt
@@ -253,6 +253,58 @@ def test_sparsegpt_blocked_solver_equals_column_by_column_obs():
                 expected[i, j:] -= expected[i, j] / rest[0] * rest
     got, _ = sparsegpt(Wt, X.t() @ X, keep=keep, blocksize=5)
     assert torch.allclose(got.double(), expected, atol=1e-4)
+
+
+def reference_layout_sparsegpt(W, H, keep, sparsity, pattern, blocksize):
+    """The reference code's loop (IST-DASLab/sparsegpt, ``fasterprune``) as it is written,
+    on column slices of W: the solver must give its bits, whatever layout it works in."""
+    W = W.float().clone()
+    d_out, d_in = W.shape
+    U = inverse_hessian_factor(H, 0.01)
+    choose = keep is None
+    keep = torch.ones_like(W, dtype=torch.bool) if choose else keep.clone()
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        W1, U1, keep1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], keep[:, i1:i2]
+        if choose and not pattern.is_nm:
+            saliency = (W1.square() / U1.diagonal().square()[None, :]).reshape(1, -1)
+            k = n_pruned(sparsity, d_out * i2) - n_pruned(sparsity, d_out * i1)
+            keep1[:] = drop_lowest(saliency, k).reshape(W1.shape)
+        err1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            if choose and pattern.is_nm and j % pattern.m == 0:
+                group = slice(j, j + pattern.m)
+                keep1[:, group] = drop_lowest(W1[:, group].square() / U1.diagonal()[group].square(), pattern.n)
+            w = W1[:, j]
+            err = (w - w * keep1[:, j]) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            err1[:, j] = err
+        W[:, i1:i2] = W1 * keep1
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+    return W * keep, keep
+
+
+@pytest.mark.parametrize("pattern,given,shape", [
+    ("unstructured", False, (96, 200)), ("2:4", False, (96, 200)), ("4:8", False, (96, 200)),
+    ("unstructured", True, (96, 200)),
+    # blocks of 1024 x 64 saliencies, enough for the threshold search; on a coarse grid of
+    # weights they tie at the cut, and top-k's choice in the reference's order must decide
+    ("unstructured", False, (1024, 136)), ("unstructured", False, (1024, 136, "grid")),
+])
+def test_sparsegpt_gives_the_reference_loops_bits(pattern, given, shape):
+    g = torch.Generator().manual_seed(7)
+    Wt = torch.randn(*shape[:2], generator=g)
+    if "grid" in shape:
+        Wt = (Wt * 4).round() / 4
+    X = torch.randn(300, shape[1], generator=g) * torch.exp(torch.randn(shape[1], generator=g))
+    H = X.t() @ X
+    if "grid" in shape:
+        H = torch.eye(shape[1]) * 300  # one d for all columns: saliencies tie as the weights do
+    pattern = Pattern.parse(pattern)
+    keep = keep_mask(Wt.abs(), 0.5, pattern, "row") if given else None
+    expected = reference_layout_sparsegpt(Wt, H, keep, 0.6, pattern, 64)
+    got = sparsegpt(Wt, H, keep=keep, sparsity=0.6, pattern=pattern, blocksize=64)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
 
 
 def test_reallocation_spreads_strong_channels_across_groups():

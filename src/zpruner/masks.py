@@ -77,6 +77,19 @@ def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def drop_lowest_set(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """keep: [n] with False at the k lowest of ``flat`` when they are a set of values,
+    the same whatever the order of ``flat`` (no score equal to the k-th lowest is kept);
+    None when that is not so, or not checked on so few scores: then
+    ``drop_lowest`` of the scores in their own order decides, as top-k breaks ties."""
+    n = flat.numel()
+    if k == 0 or k == n:
+        return torch.full_like(flat, k == 0, dtype=torch.bool)
+    if n < THRESHOLD_SEARCH_MIN or not 0 < k < n:
+        return None
+    return _drop_lowest_flat(flat, k)
+
+
 def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     """keep: [n] with exactly ``k`` False at the k lowest of ``flat``, or None when the
     sampled bracket missed or the k-th lowest score is tied across the cut (then the
