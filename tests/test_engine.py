@@ -153,3 +153,67 @@ def test_without_last_outputs_the_last_block_is_not_rerun():
         handle.remove()
     assert len(inputs) - calls_before == 1  # the visit's own forward only
     assert (hidden[0] - inputs[0]).abs().max().item() <= 1e-5
+
+
+def _stats_pass(model, samples, inputs_of, hessian=True):
+    """Statistics of every linear of every block, gathered by the engine's statistics pass,
+    and how many times each linear's own forward ran."""
+    from zpruner.layers import find_linears
+    from zpruner.stats import record_inputs
+
+    out, runs = {}, {}
+
+    def visit(i, block, forward):
+        layers = find_linears(block)
+        counters = [layer.register_forward_hook(lambda m, _a, _o: runs.__setitem__(id(m), runs.get(id(m), 0) + 1))
+                    for layer in layers.values()]
+        with record_inputs(layers, hessian=hessian) as stats:
+            forward(inputs_of=list(layers.values()) if inputs_of else None)
+        for handle in counters:
+            handle.remove()
+        out.update({(i, name): (s.count, s.sum, s.sumsq, s.xtx) for name, s in stats.items()})
+        out.update({(i, name, "runs"): runs.pop(id(layer), 0) for name, layer in layers.items()})
+
+    run_layerwise(model, samples, visit, progress=False, batch_size=2)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_pass_stops_after_the_last_input_with_the_same_statistics(family):
+    model = build_tiny_model(family, vocab_size=300)
+    samples = torch.randint(3, 300, (5, 16), generator=torch.Generator().manual_seed(4))
+    full = _stats_pass(model, samples, inputs_of=False)
+    short = _stats_pass(model, samples, inputs_of=True)
+    stats_keys = [k for k in full if len(k) == 2]
+    for key in stats_keys:
+        count, s, sq, xtx = full[key]
+        assert short[key][0] == count and count == 5 * 16
+        assert torch.equal(short[key][1], s) and torch.equal(short[key][2], sq) and torch.equal(short[key][3], xtx)
+    runs_full = {k: v for k, v in full.items() if len(k) == 3}
+    runs_short = {k: v for k, v in short.items() if len(k) == 3}
+    assert set(runs_full.values()) == {3}  # 3 batches of 2, 2, 1 samples
+    # the last linear of each block runs only in the first batch; every other one in all
+    skipped = [k for k in runs_short if runs_short[k] == 1]
+    assert len(skipped) == len(find_blocks(model)) and all(runs_short[k] == 3 for k in runs_short if k not in skipped)
+
+
+def test_statistics_pass_keeps_every_input_of_a_module_called_twice():
+    """A module the block calls twice (a shared layer) would lose its second input to a
+    stop after its first call: the stop is then not used."""
+    from zpruner.engine import _forward, BlockCall
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.b(self.a(x)))  # once every module has run, b runs again
+
+    block = Shared()
+    hidden = [torch.randn(3, 4, generator=torch.Generator().manual_seed(j)) for j in range(3)]
+    seen = []
+    handle = block.b.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    _forward(block, [BlockCall() for _ in hidden], hidden, keep=False, inputs_of=[block.a, block.b])
+    handle.remove()
+    assert len(seen) == 6  # two calls of b per batch, none cut off

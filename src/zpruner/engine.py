@@ -3,8 +3,9 @@ decoder blocks one at a time and lets a callback act on each block in between.
 
 Per block: ``visit(i, block, forward)`` (the callback may run ``forward()`` under its own
 hooks to collect statistics, then edit the block's weights; ``forward(limit=k)`` runs only
-the first k batches and returns their outputs, to check an edit), then the block is run
-once more, hooks off, to produce the next block's inputs from the edited weights.
+the first k batches and returns their outputs, to check an edit; ``forward(inputs_of=m)``
+runs each batch only as far as the modules m have received their inputs), then the block
+is run once more, hooks off, to produce the next block's inputs from the edited weights.
 
 Calibration samples travel in batches of ``batch_size``: the model itself is called on each
 batch to capture the first block's arguments, so attention masks and position tensors
@@ -38,6 +39,11 @@ Visit = Callable[[int, nn.Module, Forward], None]
 
 class _Captured(Exception):
     """Raised from the first block's pre-hook: the rest of the model need not run."""
+
+
+class _InputsSeen(Exception):
+    """Raised from a pre-hook once every module a statistics pass watches has its input:
+    the rest of the block need not run."""
 
 
 @dataclass
@@ -160,7 +166,8 @@ def run_layerwise(
         for i in bar(range(start, len(blocks)), desc="blocks", unit="block", disable=not progress):
             block = blocks.load(i)
             if visit is not None:
-                visit(i, block, lambda limit=None, block=block: _forward(block, calls, hidden, False, limit))
+                visit(i, block, lambda limit=None, inputs_of=None, block=block:
+                      _forward(block, calls, hidden, False, limit, inputs_of))
             if last_outputs or i < len(blocks) - 1:
                 _forward(block, calls, hidden, keep=True)
             if after is not None:
@@ -242,10 +249,15 @@ def _bypassed(blocks: nn.ModuleList, last_hidden: torch.Tensor, call: BlockCall)
 
 
 def _forward(
-    block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool, limit: int | None = None
+    block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool, limit: int | None = None,
+    inputs_of: list[nn.Module] | None = None,
 ) -> list[torch.Tensor] | None:
     """Run the block on every batch (keep: the outputs become the next inputs), or on
-    the first ``limit`` batches only, returning their outputs."""
+    the first ``limit`` batches only, returning their outputs; or, given ``inputs_of``,
+    on every batch only as far as those modules have received their inputs."""
+    if inputs_of and not keep and limit is None:
+        _run_for_inputs(block, calls, hidden, list(inputs_of))
+        return None
     outputs = []
     for j, call in enumerate(calls[:limit]):
         out = call.run(block, hidden[j])
@@ -256,3 +268,39 @@ def _forward(
         elif limit is not None:
             outputs.append(out)
     return outputs if limit is not None else None
+
+
+def _run_for_inputs(block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor],
+                    modules: list[nn.Module]) -> None:
+    """Every batch through the block until each of ``modules`` has been called, not to the end.
+
+    A statistics pass only needs the modules' inputs, and the last one (LLaMA's down_proj)
+    is about a fifth of a block's work. The first batch runs whole and tells the order in
+    which the modules are called; the stop applies only if each was called exactly once.
+    In a later batch the last module's pre-hook raises once every module has been called
+    exactly once in that batch. That hook is registered after the caller's own hooks, so
+    those (the statistics) have seen the input by then. A module called twice (a shared
+    layer) or not at all (an unrouted expert) therefore costs the saving, never an input.
+    """
+    order: list[nn.Module] = []
+
+    def complete() -> bool:
+        return len(order) == len(modules) and len({id(m) for m in order}) == len(modules)
+
+    def stop(_module, _args) -> None:
+        if complete():
+            raise _InputsSeen
+
+    handles = [m.register_forward_pre_hook(lambda m, _args: order.append(m)) for m in modules]
+    try:
+        for j, call in enumerate(calls):
+            if j == 1 and complete():
+                handles.append(order[-1].register_forward_pre_hook(stop))
+            order.clear()
+            try:
+                call.run(block, hidden[j])
+            except _InputsSeen:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -193,7 +193,7 @@ def prune(
         def visit(i: int, block: nn.Module, forward) -> None:
             layers = find_linears(block)
             with record_inputs(layers, hessian=config.uses_hessian) as stats:
-                forward()
+                forward(inputs_of=list(layers.values()))
             prune_block(i, layers, stats, forward)
 
         resume = None

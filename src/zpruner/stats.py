@@ -116,7 +116,9 @@ def record_inputs(layers: dict[str, nn.Module], hessian: bool = False) -> Iterat
         d_in = weight_view(layer).shape[1]
         acc = ActivationStats(d_in, layer.weight.device, hessian)
         stats[name] = acc
-        handles.append(layer.register_forward_hook(lambda _m, inputs, _out, acc=acc: hook(acc, inputs[0])))
+        # a pre-hook: it sees the input even when the pass stops before the layer runs
+        # (engine ``forward(inputs_of=...)``)
+        handles.append(layer.register_forward_pre_hook(lambda _m, inputs, acc=acc: hook(acc, inputs[0])))
     try:
         yield stats
     finally:
