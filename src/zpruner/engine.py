@@ -275,7 +275,7 @@ def _run_for_inputs(block: nn.Module, calls: list[BlockCall], hidden: list[torch
     """Every batch through the block until each of ``modules`` has been called, not to the end.
 
     A statistics pass only needs the modules' inputs, and the last one (LLaMA's down_proj)
-    is about a fifth of a block's work. The first batch runs whole and tells the order in
+    is a large share of a block's work. The first batch runs whole and tells the order in
     which the modules are called; the stop applies only if each was called exactly once.
     In a later batch the last module's pre-hook raises once every module has been called
     exactly once in that batch. That hook is registered after the caller's own hooks, so

@@ -109,8 +109,9 @@ def _solve(
         U1 = U[i1:i2, i1:i2]
         # The block is worked on transposed, [cols, out], so that a column of W and every
         # rank-1 update below run over contiguous memory: the same elementwise operations
-        # as the reference on each weight, hence the same bits, in a third of the time on a
-        # 5120-input layer (benchmarks/README.md, "SparseGPT's column loop").
+        # as the reference on each weight, hence the same bits; with the in-place update
+        # below, the solve takes half the time at 5120 inputs (benchmarks/README.md,
+        # "SparseGPT's column loop").
         W1 = W[:, i1:i2].t().contiguous()
         if choose and not pattern.is_nm:
             keep1 = _block_keep(W1, U1.diagonal(), n_pruned(sparsity, d_out * i1), n_pruned(sparsity, d_out * i2))
@@ -130,8 +131,8 @@ def _solve(
         W[:, i1:i2] = (W1 * keep1).t()
         # The lazy update multiplies the reference's own layout: BLAS may sum in another
         # order for a transposed operand (it did for a 96 x 64 by 64 x 8 product). In place,
-        # it is the reference's product and subtraction without a temporary of the rest of W
-        # (half the time at 5120 inputs; tests/test_methods.py checks the bits).
+        # it is the reference's product and subtraction without a temporary the size of the
+        # rest of W (tests/test_methods.py checks the bits).
         W[:, i2:].addmm_(err1.t().contiguous(), U[i1:i2, i2:], alpha=-1)
     return W * keep, keep
 
