@@ -93,3 +93,14 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def run_in_tree(src: str | os.PathLike, code: str, *args: str) -> dict:
+    """Runs ``code`` with ``args`` in a fresh Python whose PYTHONPATH is ``src`` (one
+    version of zpruner's source tree); returns the JSON object on its last output line."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.splitlines()[-1])

@@ -14,14 +14,10 @@ with outlier channels, summed with addmm_), the weights N(0, 1/in), seed 0.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from _common import environment, markdown_table, write_json
+from _common import environment, markdown_table, run_in_tree, write_json
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = "5120x5120:unstructured,13824x5120:unstructured,4096x4096:2:4,1536x576:unstructured"
@@ -47,10 +43,7 @@ print(json.dumps({"seconds": seconds, "weights": digest(W_new), "mask": digest(k
 def measure(src: Path, case: str, tokens: int) -> dict:
     shape, pattern = case.split(":", 1)
     d_out, d_in = shape.lower().split("x")
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", CHILD, d_out, d_in, pattern, str(tokens)], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.splitlines()[-1])
+    return run_in_tree(src, CHILD, d_out, d_in, pattern, str(tokens))
 
 
 def main() -> None:

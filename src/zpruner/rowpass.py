@@ -77,6 +77,21 @@ def map_chunks(
     return list(_pool(workers).map(lambda r: fn(r, Scratch(like, buffers, r.stop - r.start)), slices))
 
 
+def map_threads(fn: Callable[[T], object], items: list[T], workers: int | None = None) -> list:
+    """[fn(item) for item in items], in order, each on one torch thread: on up to
+    ``workers`` (default torch's thread count) Python threads (for pieces of work that must
+    each run on one torch thread to keep their bits, yet need not wait for one another)."""
+    workers = min(workers or torch.get_num_threads(), len(items))
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [fn(item) for item in items]
+        finally:
+            torch.set_num_threads(threads)
+    return list(_pool(workers).map(fn, items))
+
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -86,8 +101,17 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     (measured: a new pool per SparseGPT block made the solve 8x slower)."""
     if workers not in _pools:
         _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zpruner-rows",
-                                             initializer=torch.set_num_threads, initargs=(1,))
+                                             initializer=_one_torch_thread)
     return _pools[workers]
+
+
+def _one_torch_thread() -> None:
+    # torch sets a thread's count lazily, to the process-wide count of the moment, at the
+    # thread's first parallel op. Without this get_num_threads (which runs that set-up now)
+    # a later torch.set_num_threads(2) in the main thread would give these threads two
+    # threads each, and a share's sum would then be split in two (other bits).
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def mask_as_float(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -8,17 +8,21 @@ method that is not a score: it chooses its mask inside its reconstruction (a sol
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
-from .rowpass import Scratch, map_chunks
+from . import rowpass
+from .rowpass import Scratch, map_chunks, map_threads
 from .stats import ActivationStats
+
+T = TypeVar("T")
 
 
 def get_score(name: str) -> Method:
@@ -89,7 +93,11 @@ def ria(W: torch.Tensor, stats: ActivationStats, *, a: float) -> torch.Tensor:
 # and any thread count.
 _REDUCTION_SHARES = 2
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: fewer elements are reduced in one share
-_STD_CHUNK = 1 << 20  # float64 elements per step of a share's sequential sum
+# float64 elements per step of a share's sequential sum. Measured (benchmarks/README.md,
+# "Z-Pruner's std"): 1 << 18 takes a 576 x 576 std from 3.2 ms to 0.8 ms against 1 << 20
+# (two 8 MB buffers per call are fresh pages each time), and a 13824 x 5120 one from 86 ms
+# to 97 ms.
+_STD_CHUNK = 1 << 18
 
 
 def _shares(n: int) -> list[slice]:
@@ -99,21 +107,18 @@ def _shares(n: int) -> list[slice]:
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _over_shares(fn: Callable[[slice], T], n: int, shares: list[slice] | None = None) -> list[T]:
+    """[fn(share) for each share of n elements], each on one torch thread; the shares of a
+    matrix smaller than a chunk (all of SmolLM2's) on the calling thread, where handing
+    them to the worker threads costs more than it saves (576 x 576: 6.6 ms against 5.6 ms
+    for the whole score)."""
+    return map_threads(fn, shares or _shares(n), workers=None if n >= rowpass.CHUNK_ELEMENTS else 1)
 
 
 def _matrix_mean(X: torch.Tensor) -> torch.Tensor:
     """X.mean() as torch computes it on two threads: Σ of each share's sum, then / n."""
     flat = X.reshape(-1)
-    with _one_thread():
-        parts = [flat[share].sum() for share in _shares(flat.numel())]
+    parts = _over_shares(lambda share: flat[share].sum(), flat.numel())
     total = parts[0]
     for part in parts[1:]:
         total = total + part
@@ -125,12 +130,13 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     Σ (x − mean)² in float64, sequentially within each share, the shares added in order."""
     flat = X.reshape(-1)
     m = float(mean)
-    step = min(_STD_CHUNK, flat.numel())
-    # [running sum, (x − m)² of the next elements]; its cumulative sum is the sequential one
-    terms = torch.empty(step + 1, dtype=torch.float64, device=X.device)
-    sums = torch.empty_like(terms)
-    total = 0.0
-    for share in _shares(flat.numel()):
+    shares = _shares(flat.numel())
+    step = min(_STD_CHUNK, max(share.stop - share.start for share in shares))
+
+    def sequential_sum(share: slice) -> float:
+        # [running sum, (x − m)² of the next elements]; its cumulative sum is the sequential one
+        terms = torch.empty(step + 1, dtype=torch.float64, device=X.device)
+        sums = torch.empty_like(terms)
         running = 0.0
         for a in range(share.start, share.stop, step):
             b = min(a + step, share.stop)
@@ -138,6 +144,10 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             part[0] = running
             part[1:].copy_(flat[a:b]).sub_(m).square_()
             running = float(torch.cumsum(part, 0, out=sums[:b - a + 1])[-1])
+        return running
+
+    total = 0.0
+    for running in _over_shares(sequential_sum, flat.numel(), shares):
         total = total + running
     var = total / max(0.0, flat.numel() - 1)
     return torch.tensor(math.sqrt(var), dtype=torch.float64).to(device=X.device, dtype=torch.float32)
@@ -155,11 +165,12 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     the whole matrix, the means and stds its two-thread ones (``_matrix_mean``; chunked
     partial sums, as issue 14 had them, moved the verified SmolLM2 4:8 and 2:4 perplexities
     by over 1 %). Each whole-matrix operand is written in turn into the score's own buffer,
-    so nothing else full-size is allocated; the elementwise score is one chunked pass.
+    the column-normalised W last, so that the chunked pass that makes the score from it in
+    place allocates nothing else full-size.
     """
     W = W.float()
     row_norm = W.norm(dim=1, keepdim=True)
-    col_norm = W.norm(dim=0, keepdim=True)
+    col_norm = column_norm(W)[None, :]
     row_norm, col_norm = row_norm.where(row_norm > 0, 1.0), col_norm.where(col_norm > 0, 1.0)
     S = torch.empty_like(W)  # the score in the end; until then each whole-matrix operand in turn
 
@@ -170,23 +181,42 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
         std = _matrix_std(X, mean)
         return mean, std.where(std > 0, 1.0)
 
-    mean_r, std_r = standardisation(row_norm)
-    mean_c, std_c = standardisation(col_norm)
     A = torch.abs(W, out=S)
-    small = _matrix_mean(torch.lt(A, 0.1 * _matrix_mean(A), out=S))  # (A < 0.1·mean|A|).float().mean()
+    small = _fraction_below_(A, 0.1 * _matrix_mean(A))  # (A < 0.1·mean|A|).float().mean()
     alpha = 0.7 * (1 - 0.3 * small)
+    mean_r, std_r = standardisation(row_norm)
+    mean_c, std_c = standardisation(col_norm)  # S holds W / col_norm from here on
     act = stats.l2.to(W.device).pow(1.5)[None, :]
 
     def score(rows: slice, scratch: Scratch) -> None:
         block = W[rows]
         z_r = torch.div(block, row_norm[rows], out=scratch.get(0, block.shape[0])).sub_(mean_r).div_(std_r)
-        z_c = torch.div(block, col_norm, out=scratch.get(1, block.shape[0])).sub_(mean_c).div_(std_c)
+        z_c = S[rows].sub_(mean_c).div_(std_c)
         z_r.abs_().pow_(3).mul_(alpha)
         z_c.abs_().pow_(3).mul_(1 - alpha)
-        torch.add(z_r, z_c, out=S[rows]).mul_(act)
+        z_c.add_(z_r).mul_(act)
 
-    map_chunks(score, W, 2)
+    map_chunks(score, W)
     return S
+
+
+_EXACT_COUNT = 1 << 24  # float32 holds every integer below this
+
+
+def _fraction_below_(X: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """(X < threshold).float().mean() as ``_matrix_mean`` computes it, mostly without the
+    float matrix: a share's float32 sum of ones is its count exactly while the count is
+    below 2²⁴ (every partial sum is then an integer float32 holds). Above, the ones are
+    written into X itself and summed as they are."""
+    flat = X.reshape(-1)
+    counts = _over_shares(lambda share: int(torch.count_nonzero(flat[share] < threshold)), flat.numel())
+    if max(counts) >= _EXACT_COUNT:
+        return _matrix_mean(torch.lt(X, threshold, out=X))
+    parts = [torch.tensor(float(count), dtype=torch.float32, device=X.device) for count in counts]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total.div_(flat.numel())
 
 
 @SCORES.register("cvr", needs_activations=True, default_group="row", constants=CvrConstants)
@@ -201,30 +231,85 @@ def cvr(W: torch.Tensor, stats: ActivationStats, *, alpha: float, eps: float) ->
     return W.abs().mul_((a * c)[None, :])
 
 
+def column_norm(W: torch.Tensor) -> torch.Tensor:
+    """‖W[:, j]‖₂: [in], the bits of torch's ``W.norm(dim=0)``, 12 to 14 times faster on a
+    LLaMA-2-13B float32 CPU matrix (``benchmarks/column_reductions.py``).
+
+    Torch's CPU kernel reduces each column on its own: a sequential float32 sum of the
+    rounded squares down the rows, one strided walk per column, then a correctly rounded
+    square root. ``index_add_`` with every row sent to one index runs the same sequential
+    sum for all columns at once, a contiguous row at a time; the root is taken in float64,
+    which rounds to the correctly rounded float32 one (torch's vectorised float32 sqrt is
+    not: it differs in the last bit for about 1 % of values here). Whether this build of
+    torch sums as assumed (a compiler may fuse the multiply-add) is checked once, on a
+    probe matrix; if not, off the CPU or float32, and where torch reduces another way (a
+    column-major matrix, whose columns it sums in vector lanes; a single row or column),
+    torch's own kernel runs.
+    """
+    if W.device.type != "cpu" or W.dtype != torch.float32 or not W.is_contiguous() or W.dim() != 2 \
+            or min(W.shape) < 2 or not _sequential_column_sum_is_torchs():
+        return W.norm(dim=0)
+    return _sequential_column_norm(W)
+
+
+_NORM_ROWS = 256  # rows squared per step into a small buffer (cache-sized at 5120 columns)
+
+
+def _sequential_column_norm(W: torch.Tensor) -> torch.Tensor:
+    total = W.new_zeros(1, W.shape[1])
+    rows = min(_NORM_ROWS, W.shape[0])
+    one_index = torch.zeros(rows, dtype=torch.long)
+    squares = W.new_empty(rows, W.shape[1])
+    for a in range(0, W.shape[0], rows):
+        b = min(a + rows, W.shape[0])
+        block = torch.mul(W[a:b], W[a:b], out=squares[:b - a])
+        total.index_add_(0, one_index[:b - a], block)
+    return total[0].double().sqrt_().float()
+
+
+@functools.cache
+def _sequential_column_sum_is_torchs() -> bool:
+    # 512 rows x 256 columns: a fused multiply-add changes 42 of them (a float64 emulation
+    # of one), so a build that fuses cannot pass by chance
+    W = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_sequential_column_norm(W), W.norm(dim=0))
+
+
 def column_variance(W: torch.Tensor) -> torch.Tensor:
     """Var_i W_ij over the rows (population variance): [in], the bits of torch's
-    ``W.var(dim=0, unbiased=False)``, about five times faster on a float32 CPU matrix.
+    ``W.var(dim=0, unbiased=False)``, 2 to 3 times faster on a large float32 CPU matrix
+    (``benchmarks/column_reductions.py``).
 
     Torch's CPU kernel runs Welford's recurrence in float64, one element at a time, and
-    rounds the result to float32 once. Two passes over row chunks in float64 (the column
-    means, then the centred squares) land within a few float64 ulps of the same exact
-    variance, so they round to the same float32 except where that exact value lies next
-    to the middle between two float32s (one column of SmolLM2's 149,760): such columns
-    are taken from torch's kernel itself. A float32 formula moved the SmolLM2 CVR 50 %
-    cell from 81.951 to 81.870 (issue 14), and verified results stay as they are.
-    Elsewhere torch's own kernel: on a GPU or another dtype it accumulates otherwise, and
-    for a single column it takes another path.
+    rounds the result to float32 once. One pass over row chunks in float64 gives Σx and
+    Σx², and Σx² − (Σx)²/n lands within (3n + 5)·2⁻⁵³·Σx² of the exact centred energy
+    (each term is within n·2⁻⁵³·Σx², as |Σx| ≤ sqrt(n·Σx²)). Where that bound is below
+    1e-10 of the energy (a column whose mean is not large against its spread: all of
+    SmolLM2's), the variance rounds to the same float32 as torch's except where the
+    exact value lies next to the middle between two float32s; such columns, and those with
+    a larger bound, are taken from torch's kernel itself. A float32 formula moved the
+    SmolLM2 CVR 50 % cell from 81.951 to 81.870 (issue 14), and verified results stay as
+    they are. Elsewhere torch's own kernel: on a GPU or another dtype it accumulates
+    otherwise, and for a single column it takes another path.
     """
     if W.device.type != "cpu" or W.dtype != torch.float32 or W.shape[1] < 2:
         return W.var(dim=0, unbiased=False)
     n = W.shape[0]
-    mean = sum(map_chunks(lambda rows, _: W[rows].sum(0, dtype=torch.float64), W, 0)) / n
-    energy = sum(map_chunks(lambda rows, _: W[rows].double().sub_(mean).square_().sum(0), W, 0))
+
+    def moments(rows: slice, _scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+        block = W[rows].double()
+        return block.sum(0), block.square_().sum(0)
+
+    parts = map_chunks(moments, W, 0)
+    total = sum(part[0] for part in parts)
+    squares = sum(part[1] for part in parts)
+    energy = squares - total * total / n
     variance = energy / n
-    # both float64 results are within about n·2⁻⁵² of the exact value, relative to it
-    # (3e-12 at 14k rows); 1e-9 leaves a wide margin and sends 2.3 % of SmolLM2's
-    # columns to torch
+    error_bound = (3 * n + 5) * 2.0**-53 * squares / energy  # relative to the energy
+    # torch's Welford result is within a few float64 ulps of the exact value too; 1e-9
+    # leaves a wide margin and sends 2.3 % of SmolLM2's columns to torch
     near_a_tie = (variance * (1 + 1e-9)).float() != (variance * (1 - 1e-9)).float()
+    near_a_tie |= ~((energy > 0) & (error_bound < 1e-10))  # also a column with no spread
     variance = variance.float()
     if near_a_tie.any():
         # two columns at least: torch reduces a lone column another way

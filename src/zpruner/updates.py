@@ -15,7 +15,7 @@ import torch
 
 from .errors import ZprunerError
 from .registry import UPDATES, constant
-from .rowpass import Scratch, map_chunks, mask_as_float
+from .rowpass import Scratch, map_chunks, mask_as_float, sum_parts
 
 
 def check_clamp(clamp: tuple[float, float]) -> None:
@@ -79,14 +79,17 @@ def energy_compensate_(
     """``energy_compensate`` in place on W: float32 [out, in], already zero where not kept;
     or W None for W0 masked by keep, then written to a new tensor (returned).
 
-    Bit for bit the textbook form ``energy_compensate`` documents (the reference in
+    The textbook form ``energy_compensate`` documents (the reference in
     tests/test_fast_paths.py), in fewer passes (see ``rowpass`` for why passes, not flops,
-    are the cost here). Elementwise arithmetic is the same whether it runs over the whole
+    are the cost here), bit for bit but for the column sums of a matrix larger than a
+    chunk. Elementwise arithmetic is the same whether it runs over the whole
     matrix or a chunk of rows, and so is a reduction along a row; a reduction along a
     column is not (its summation order depends on how many rows it sees). Hence:
-    - a column step's sums run over whole [out, in] squares, as the textbook form's do,
-      written chunk by chunk into one reused full-size buffer; its rescale is folded into
-      the pass of the following row step;
+    - a column step's two energies are summed in one pass, per chunk of rows, the chunks'
+      sums added in chunk order: the textbook bits when the matrix is one chunk (every
+      SmolLM2 layer, so its verified +EC cells), float32 reassociation otherwise (within
+      1e-6, relative; the same on any thread count). Its rescale is folded into the pass
+      of the following row step;
     - a row step's statistics and rescale finish within a chunk of rows;
     - every expression keeps the textbook order of operations: (W − μ)·keep, squared;
       (μ + γ·(W − μ))·keep. (Regroupings such as γ·W + keep·(1 − γ)·μ are equal in exact
@@ -99,7 +102,6 @@ def energy_compensate_(
     fresh = W is None  # W still to be made: W0·keep, chunk by chunk in the first writing pass
     if fresh:
         W = torch.empty_like(W0)
-    squares = None  # full-size buffer of a column step's squares, made at the first one
     pending = None  # a column step's (μ, γ) whose rescale is still to be applied
 
     def masked(rows: slice, kept: torch.Tensor) -> torch.Tensor:
@@ -116,23 +118,20 @@ def energy_compensate_(
         return block if pending is None else rescale(block, kept, *pending)
 
     def column_step() -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal squares, fresh
+        nonlocal fresh
         mu = W0.mean(dim=0, keepdim=True)
-        if squares is None:
-            squares = torch.empty_like(W0)
 
-        def dense_squares(rows: slice, _scratch: Scratch) -> None:
-            torch.sub(W0[rows], mu, out=squares[rows]).square_()
+        def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+            n = rows.stop - rows.start
+            kept = mask_as_float(keep[rows], scratch.get(0, n))
+            buf = scratch.get(1, n)
+            e0 = torch.sub(W0[rows], mu, out=buf).square_().sum(dim=0, keepdim=True)
+            e = torch.sub(masked(rows, kept), mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
+            return e0, e
 
-        def kept_squares(rows: slice, scratch: Scratch) -> None:
-            kept = mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start))
-            torch.sub(masked(rows, kept), mu, out=squares[rows]).mul_(kept).square_()
-
-        map_chunks(dense_squares, W, 0)
-        e0 = squares.sum(dim=0, keepdim=True)
-        map_chunks(kept_squares, W)
+        parts = map_chunks(energies, W, 2)
         fresh = False
-        e = squares.sum(dim=0, keepdim=True)
+        e0, e = (sum_parts([part[i] for part in parts]) for i in (0, 1))
         return mu, _gamma(e0, e).clamp(lo, hi)
 
     def column_rescale(rows: slice, scratch: Scratch) -> None:
