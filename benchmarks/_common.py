@@ -104,3 +104,18 @@ def run_in_tree(src: str | os.PathLike, code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.splitlines()[-1])
+
+
+def add_source_trees(parser, marker: str) -> None:
+    """--before (required) and --after (default: this checkout's src/): two versions of
+    zpruner's source for a same-run comparison; each must hold ``zpruner/<marker>``."""
+    import argparse
+
+    def tree(text: str) -> Path:
+        path = Path(text)
+        if not (path / "zpruner" / marker).is_file():
+            raise argparse.ArgumentTypeError(f"{path} is not a src/ folder with zpruner in it")
+        return path
+
+    parser.add_argument("--before", type=tree, required=True, help="the src/ folder of the earlier version")
+    parser.add_argument("--after", type=tree, default=str(PROJECT / "src"), help="default: this checkout's src/")

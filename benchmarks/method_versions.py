@@ -20,7 +20,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _common import environment, markdown_table, parse_methods, run_in_tree, write_json
+from _common import add_source_trees, environment, markdown_table, parse_methods, run_in_tree, write_json
 
 HERE = Path(__file__).resolve().parent
 SHAPES = "5120x5120,13824x5120"
@@ -58,16 +58,12 @@ def measure(src: Path, shape: str, method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", type=Path, required=True, help="the src/ folder of the earlier version")
-    parser.add_argument("--after", type=Path, default=HERE.parent / "src", help="default: this checkout's src/")
+    add_source_trees(parser, "pruning.py")
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated OUTxIN")
     parser.add_argument("--methods", default=METHODS, help="comma-separated; wanda is added as the reference")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per version")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    for src in (args.before, args.after):
-        if not (src / "zpruner" / "pruning.py").is_file():
-            parser.error(f"{src} is not a src/ folder with zpruner in it")
     methods = parse_methods(args.methods)
     methods = methods if "wanda" in methods else ["wanda", *methods]
 

@@ -17,9 +17,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _common import environment, markdown_table, run_in_tree, write_json
+from _common import add_source_trees, environment, markdown_table, run_in_tree, write_json
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = "5120x5120:unstructured,13824x5120:unstructured,4096x4096:2:4,1536x576:unstructured"
 
 CHILD = """
@@ -48,16 +47,12 @@ def measure(src: Path, case: str, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", type=Path, required=True, help="the src/ folder of the earlier version")
-    parser.add_argument("--after", type=Path, default=HERE.parent / "src", help="default: this checkout's src/")
+    add_source_trees(parser, "sparsegpt.py")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated OUTxIN:PATTERN")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2, help="rounds per version")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    for src in (args.before, args.after):
-        if not (src / "zpruner" / "sparsegpt.py").is_file():
-            parser.error(f"{src} is not a src/ folder with zpruner in it")
 
     record, rows = [], []
     for case in args.cases.split(","):

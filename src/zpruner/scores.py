@@ -19,7 +19,7 @@ import torch
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
 from . import rowpass
-from .rowpass import Scratch, map_chunks, map_threads
+from .rowpass import Scratch, map_chunks, map_threads, sum_parts
 from .stats import ActivationStats
 
 T = TypeVar("T")
@@ -118,11 +118,7 @@ def _over_shares(fn: Callable[[slice], T], n: int, shares: list[slice] | None = 
 def _matrix_mean(X: torch.Tensor) -> torch.Tensor:
     """X.mean() as torch computes it on two threads: Σ of each share's sum, then / n."""
     flat = X.reshape(-1)
-    parts = _over_shares(lambda share: flat[share].sum(), flat.numel())
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total.div_(flat.numel())
+    return sum_parts(_over_shares(lambda share: flat[share].sum(), flat.numel())).div_(flat.numel())
 
 
 def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -146,9 +142,7 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             running = float(torch.cumsum(part, 0, out=sums[:b - a + 1])[-1])
         return running
 
-    total = 0.0
-    for running in _over_shares(sequential_sum, flat.numel(), shares):
-        total = total + running
+    total = sum_parts(_over_shares(sequential_sum, flat.numel(), shares))
     var = total / max(0.0, flat.numel() - 1)
     return torch.tensor(math.sqrt(var), dtype=torch.float64).to(device=X.device, dtype=torch.float32)
 
@@ -213,10 +207,7 @@ def _fraction_below_(X: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     if max(counts) >= _EXACT_COUNT:
         return _matrix_mean(torch.lt(X, threshold, out=X))
     parts = [torch.tensor(float(count), dtype=torch.float32, device=X.device) for count in counts]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total.div_(flat.numel())
+    return sum_parts(parts).div_(flat.numel())
 
 
 @SCORES.register("cvr", needs_activations=True, default_group="row", constants=CvrConstants)
