@@ -4,7 +4,10 @@ settings so that load coming and going on the machine falls on both.
 
 The Hessian is XᵀX of `--tokens` N(0, 1) activations, the weights N(0, 1/in); only the
 solver call is timed (the inverse-Hessian factorisation included, the XᵀX accumulation
-not). Prints a Markdown table of medians and writes every timing to --json.
+not). Prints a Markdown table of medians, whether the two settings gave the same mask
+and the same weights (they need not: the factorisation and the products round
+differently on more threads, and the adaptive mask follows), and writes every timing to
+--json.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_threads.py --json /tmp/sgpt_threads.json
 """
@@ -44,20 +47,26 @@ def main() -> None:
         H = X.T @ X
         del X
         times: dict[int, list[float]] = {n: [] for n in settings}
+        results = {}
         for round_ in range(args.repeats + 1):
             for n in settings:
                 torch.set_num_threads(n)
                 start = time.perf_counter()
-                sparsegpt(W, H, sparsity=0.5)
+                results[n] = sparsegpt(W, H, sparsity=0.5)
                 if round_:  # the first round warms up
                     times[n].append(time.perf_counter() - start)
         torch.set_num_threads(threads)
+        (W1, keep1), (Wn, keepn) = results[1], results[settings[-1]]
+        same_mask, same_weights = torch.equal(keep1, keepn), torch.equal(W1, Wn)
+        del results, W1, Wn, keep1, keepn
         med = {n: statistics.median(t) for n, t in times.items()}
         rows.append([f"{d_out} x {d_in}", *(f"{med[n]:.3f}" for n in settings),
-                     f"{med[1] / med[settings[-1]]:.2f}x"])
-        record.append({"shape": [d_out, d_in], "seconds": {str(n): t for n, t in times.items()}})
+                     f"{med[1] / med[settings[-1]]:.2f}x", str(same_mask), str(same_weights)])
+        record.append({"shape": [d_out, d_in], "seconds": {str(n): t for n, t in times.items()},
+                       "same_mask": same_mask, "same_weights": same_weights})
         print(rows[-1], flush=True)
-    print(markdown_table(["shape", *(f"{n} thread{'s' if n > 1 else ''} s" for n in settings), "speed-up"], rows,
+    print(markdown_table(["shape", *(f"{n} thread{'s' if n > 1 else ''} s" for n in settings), "speed-up",
+                          "same mask", "same weights"], rows,
                          right=set(range(1, len(settings) + 2))))
     if args.json:
         write_json(args.json, {"args": vars(args) | {"json": str(args.json)}, "environment": environment(),

@@ -325,6 +325,28 @@ def test_layer_selection_with_ties_at_the_cut_is_topk_s(levels):
     assert torch.equal(keep, ref_drop_lowest(score, k))
 
 
+@pytest.mark.parametrize("levels", [2, 7, 1000])
+def test_long_row_with_ties_at_the_cut_drops_the_first_tied_without_topk(monkeypatch, levels):
+    """From TIES_BY_INDEX_MIN scores on (a whole 7B-70B layer), no top-k: everything below
+    the k-th score goes, everything above stays, and of the scores equal to it the lowest
+    indices go, exactly k in all."""
+    from zpruner import masks
+
+    g = torch.Generator().manual_seed(14)
+    score = torch.randint(levels, (1, masks.TIES_BY_INDEX_MIN), generator=g).float()
+    k = masks.TIES_BY_INDEX_MIN // 2 + 12_345
+    t = score.reshape(-1).kthvalue(k).values
+    tied = torch.nonzero(score[0] == t).reshape(-1)
+    need = k - int((score < t).sum())
+    expected = score[0] > t
+    expected[tied[need:]] = True
+    assert 0 < need < tied.numel()  # the cut falls inside a level
+    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    keep = drop_lowest(score, k)
+    assert int((~keep).sum()) == k
+    assert torch.equal(keep[0], expected)
+
+
 def test_layer_selection_with_ties_below_the_cut_needs_no_topk(monkeypatch):
     """Ties that do not straddle the cut are decided by the threshold alone."""
     from zpruner import masks
@@ -375,6 +397,26 @@ def test_layer_mask_of_a_real_shaped_score_matches_topk():
     W, _, _ = layer(512, 384, seed=8)
     keep = keep_mask(W.abs(), 0.5, Pattern(), "layer")
     assert torch.equal(keep, ref_drop_lowest(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
+
+
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)], ids=["row", "2:4"])
+@pytest.mark.parametrize("levels", [3, 1000])
+def test_row_selection_in_chunks_is_one_topk_over_the_matrix(small_chunks, pattern, levels):
+    """Rows and N:M groups go through top-k a chunk of rows at a time, on the worker
+    threads: the mask, ties at the cut included, must be one whole-matrix top-k's."""
+    score = torch.randint(levels, (97, 64), generator=torch.Generator().manual_seed(12)).float()
+    keep = keep_mask(score, 0.5, pattern, "row")
+    groups, k = (score, 32) if not pattern.is_nm else (score.reshape(-1, 4), 2)
+    assert torch.equal(keep, ref_drop_lowest(groups, k).reshape(score.shape))
+
+
+def test_masked_copy_is_the_product_with_the_mask_bit_for_bit(small_chunks):
+    g = torch.Generator().manual_seed(13)
+    W = torch.randn(41, 96, generator=g)
+    keep = torch.rand(41, 96, generator=g) > 0.5
+    copy = rowpass.masked_copy(W, keep)
+    assert torch.equal(copy.view(torch.int32), (W * keep).view(torch.int32))  # -0.0 included
+    assert copy.data_ptr() != W.data_ptr()
 
 
 # --- SparseGPT --------------------------------------------------------------------------------

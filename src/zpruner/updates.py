@@ -15,7 +15,7 @@ import torch
 
 from .errors import ZprunerError
 from .registry import UPDATES, constant
-from .rowpass import Scratch, map_chunks, mask_as_float, sum_parts
+from .rowpass import Scratch, map_chunks, mask_as_float, masked_copy, sum_parts
 
 
 def check_clamp(clamp: tuple[float, float]) -> None:
@@ -36,7 +36,7 @@ class EnergyConstants:
 @UPDATES.register("none")
 def keep_only(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats=None) -> torch.Tensor:
     """No correction: the pruned weights as they are."""
-    return W0 * keep if W is None else W
+    return masked_copy(W0.float(), keep) if W is None else W
 
 
 def _gamma(e0: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,6 @@ def energy_compensate_(
         return block if pending is None else rescale(block, kept, *pending)
 
     def column_step() -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal fresh
         mu = W0.mean(dim=0, keepdim=True)
 
         def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +125,15 @@ def energy_compensate_(
             kept = mask_as_float(keep[rows], scratch.get(0, n))
             buf = scratch.get(1, n)
             e0 = torch.sub(W0[rows], mu, out=buf).square_().sum(dim=0, keepdim=True)
-            e = torch.sub(masked(rows, kept), mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
+            if fresh:
+                # W = W0·keep: ((W − μ)·keep)² is (W0 − μ)²·keep to the bit (·1 exact, and
+                # a dropped entry's square is +0 either way), so the squares of e0 serve,
+                # and W is made by the next pass that writes it
+                return e0, buf.mul_(kept).sum(dim=0, keepdim=True)
+            e = torch.sub(W[rows], mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
             return e0, e
 
         parts = map_chunks(energies, W, 2)
-        fresh = False
         e0, e = (sum_parts([part[i] for part in parts]) for i in (0, 1))
         return mu, _gamma(e0, e).clamp(lo, hi)
 
@@ -153,7 +156,7 @@ def energy_compensate_(
     for axis in axes:
         if pending is not None and axis == "col":
             map_chunks(column_rescale, W)
-            pending = None
+            pending, fresh = None, False
         if axis == "col":
             pending = column_step()
         else:
