@@ -210,9 +210,10 @@ def test_column_variance_elsewhere_is_torchs_own(case):
 
 @pytest.mark.parametrize("count_limit", [1 << 24, 10], ids=["counted", "summed as floats"])
 def test_zpruner_fraction_of_small_weights_is_the_references_either_way(monkeypatch, two_thread_reference,
-                                                                        count_limit):
-    """α's fraction of small weights is counted (exact below 2²⁴ per share) or, above,
-    summed as floats as torch does: the same score both ways, on one share and on two."""
+                                                                        count_limit, small_chunks):
+    """α's fraction of small weights is counted (exact below 2²⁴ per share, a chunk at a
+    time) or, above, summed as floats as torch does: the same score both ways, on one
+    share and on two."""
     from zpruner import scores
 
     monkeypatch.setattr(scores, "_EXACT_COUNT", count_limit)

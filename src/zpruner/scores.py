@@ -201,9 +201,17 @@ def _fraction_below_(X: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """(X < threshold).float().mean() as ``_matrix_mean`` computes it, mostly without the
     float matrix: a share's float32 sum of ones is its count exactly while the count is
     below 2²⁴ (every partial sum is then an integer float32 holds). Above, the ones are
-    written into X itself and summed as they are."""
+    written into X itself and summed as they are. A share is counted a chunk at a time:
+    the comparison's bool temporary then comes from the allocator's free lists, not as
+    fresh pages (rowpass's docstring)."""
     flat = X.reshape(-1)
-    counts = _over_shares(lambda share: int(torch.count_nonzero(flat[share] < threshold)), flat.numel())
+    step = rowpass.CHUNK_ELEMENTS
+
+    def count(share: slice) -> int:
+        return sum(int(torch.count_nonzero(flat[a:min(a + step, share.stop)] < threshold))
+                   for a in range(share.start, share.stop, step))
+
+    counts = _over_shares(count, flat.numel())
     if max(counts) >= _EXACT_COUNT:
         return _matrix_mean(torch.lt(X, threshold, out=X))
     parts = [torch.tensor(float(count), dtype=torch.float32, device=X.device) for count in counts]
