@@ -8,6 +8,7 @@ RSS in its own ``ru_maxrss``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +17,26 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = str(PROJECT.parent / "shared" / "data")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        d_out, d_in = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape '{text}' is not OUTxIN, e.g. 5120x5120") from None
+    if d_out < 1 or d_in < 1:
+        raise argparse.ArgumentTypeError(f"shape '{text}' needs positive sizes")
+    return d_out, d_in
+
+
+def vm_hwm_mib() -> float | None:
+    """Peak resident memory of this process's own address space (Linux VmHWM), in MiB;
+    None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
 
 
 def prune_config(method: str, **fields):
@@ -109,7 +130,6 @@ def run_in_tree(src: str | os.PathLike, code: str, *args: str) -> dict:
 def add_source_trees(parser, marker: str) -> None:
     """--before (required) and --after (default: this checkout's src/): two versions of
     zpruner's source for a same-run comparison; each must hold ``zpruner/<marker>``."""
-    import argparse
 
     def tree(text: str) -> Path:
         path = Path(text)

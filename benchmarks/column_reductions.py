@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _common import environment, fmt, markdown_table, write_json
+from _common import environment, fmt, markdown_table, parse_shape, write_json
 
 SHAPES = "5120x5120,13824x5120,1536x576"
 
@@ -42,7 +42,7 @@ def main() -> None:
              "variance": (lambda W: W.var(dim=0, unbiased=False), column_variance)}
     results = []
     for text in args.shapes.split(","):
-        d_out, d_in = (int(v) for v in text.split("x"))
+        d_out, d_in = parse_shape(text)
         W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0)) / math.sqrt(d_in)
         for name, (reference, fast) in pairs.items():
             torch_s, expected = median_time(lambda: reference(W), args.repeats)

@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from _common import DEFAULT_DATA_DIR, calib_batch_size, fmt, markdown_table, write_json
+from _common import DEFAULT_DATA_DIR, calib_batch_size, fmt, markdown_table, vm_hwm_mib, write_json
 
 METHODS = "magnitude,wanda,ria,zpruner,cvr,cvr+ec,wanda+ec,sparsegpt"
 TARGET_SCORE = 1.7  # pruning / plain forward, score-based methods with or without EC
@@ -53,13 +53,7 @@ def peak_rss_mib() -> dict[str, float | None]:
     whatever the parent held when it started this process.
     """
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm = None
-    try:
-        with open("/proc/self/status") as f:
-            hwm = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
-        pass
-    return {"ru_maxrss": maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024), "vmhwm": hwm}
+    return {"ru_maxrss": maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024), "vmhwm": vm_hwm_mib()}
 
 
 class Phases(dict):

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from _common import describe_threads, environment, fmt, markdown_table, parse_methods, prune_config, write_json
+from _common import (describe_threads, environment, fmt, markdown_table, parse_methods, parse_shape, prune_config,
+                     write_json)
 
 LLAMA2_13B_SHAPES = "5120x5120,13824x5120"
 METHODS = "magnitude,wanda,ria,zpruner,cvr,cvr+ec,sparsegpt"
@@ -29,16 +30,6 @@ REFERENCE = "wanda"
 # Statistical-correction paper, Table 3: pruning time relative to Wanda (its conditions,
 # not this machine's; shown only to compare ratios).
 PAPER_TABLE3 = {"wanda": 1.0, "sparsegpt": 6.3, "cvr+ec": 1.09}
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        d_out, d_in = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape '{text}' is not OUTxIN, e.g. 5120x5120") from None
-    if d_out < 1 or d_in < 1:
-        raise argparse.ArgumentTypeError(f"shape '{text}' needs positive sizes")
-    return d_out, d_in
 
 
 def random_layer(d_out: int, d_in: int, generator: torch.Generator) -> torch.Tensor:

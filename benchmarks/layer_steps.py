@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from _common import markdown_table, parse_methods, prune_config
-from layer_runtime import parse_shape, random_activations, random_layer
+from _common import markdown_table, parse_methods, parse_shape, prune_config
+from layer_runtime import random_activations, random_layer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="13824x5120", help="OUTxIN")
+    parser.add_argument("--shape", type=parse_shape, default="13824x5120", help="OUTxIN")
     parser.add_argument("--methods", default="wanda,cvr,cvr+ec,zpruner",
                         help="score-based methods, METHOD+UPDATE for an update")
     parser.add_argument("--repeats", type=int, default=5, help="rounds after the warm-up")
@@ -30,7 +30,7 @@ def main() -> None:
     from zpruner.masks import keep_mask
     from zpruner.stats import ActivationStats
 
-    d_out, d_in = parse_shape(args.shape)
+    d_out, d_in = args.shape
     g = torch.Generator().manual_seed(0)
     W0, x = random_layer(d_out, d_in, g), random_activations(2048, d_in, g)
     stats = ActivationStats(d_in)

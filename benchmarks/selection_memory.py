@@ -16,13 +16,7 @@ import subprocess
 import sys
 import time
 
-
-def vm_hwm_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from _common import parse_shape, vm_hwm_mib
 
 
 def child(way: str, n: int, sparsity: float) -> dict:
@@ -48,18 +42,20 @@ def child(way: str, n: int, sparsity: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="13824x5120", help="out x in of the layer")
+    parser.add_argument("--shape", type=parse_shape, default="13824x5120", help="out x in of the layer")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rows, cols = (int(part) for part in args.shape.lower().split("x"))
+    if vm_hwm_mib() is None:
+        sys.exit("selection_memory.py reads VmHWM from /proc/self/status: Linux only")
+    rows, cols = args.shape
     if args.child:
         print(json.dumps(child(args.child, rows * cols, args.sparsity)))
         return
-    print(f"| selection of {args.shape} scores at {args.sparsity:.0%} | s | peak above the scores, MiB | dropped | tied with the cut |")
+    print(f"| selection of {rows}x{cols} scores at {args.sparsity:.0%} | s | peak above the scores, MiB | dropped | tied with the cut |")
     print("|---|---:|---:|---:|---:|")
     for way in ("topk", "drop_lowest"):
-        out = subprocess.run([sys.executable, __file__, "--child", way, "--shape", args.shape,
+        out = subprocess.run([sys.executable, __file__, "--child", way, "--shape", f"{rows}x{cols}",
                               "--sparsity", str(args.sparsity)], check=True, capture_output=True, text=True).stdout
         r = json.loads(out)
         print(f"| {way} | {r['seconds']:.2f} | {r['peak_above_scores_mib']:.0f} | {r['dropped']} | {r['tied_with_the_cut']} |")

@@ -5,8 +5,8 @@ settings so that load coming and going on the machine falls on both.
 The Hessian is XᵀX of `--tokens` N(0, 1) activations, the weights N(0, 1/in); only the
 solver call is timed (the inverse-Hessian factorisation included, the XᵀX accumulation
 not). Prints a Markdown table of medians, whether the two settings gave the same mask
-and the same weights (they need not: the factorisation and the products round
-differently on more threads, and the adaptive mask follows), and writes every timing to
+and the same weights (they need not: the factorisation rounds differently on more
+threads, and the adaptive mask follows), and writes every timing to
 --json.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_threads.py --json /tmp/sgpt_threads.json
@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import environment, markdown_table, write_json
+from _common import environment, markdown_table, parse_shape, write_json
 
 # [out, in]: SmolLM2-135M's attention and MLP layers, LLaMA-2-7B's attention, LLaMA-2-13B's
 # attention and gate/up (layer_runtime.py's shapes)
@@ -40,7 +40,7 @@ def main() -> None:
     settings = [1, threads] if threads > 1 else [1]
     rows, record = [], []
     for shape in args.shapes.split(","):
-        d_out, d_in = (int(x) for x in shape.lower().split("x"))
+        d_out, d_in = parse_shape(shape)
         gen = torch.Generator().manual_seed(0)
         W = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
         X = torch.randn(args.tokens, d_in, generator=gen)
