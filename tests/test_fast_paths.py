@@ -273,6 +273,24 @@ def test_matrix_mean_and_std_are_torchs_two_thread_ones(n, two_thread_reference)
     assert torch.equal(_matrix_std(X, mean), two_thread_reference(torch.std, X))
 
 
+@pytest.mark.parametrize("slack, sequential", [(None, False), (1e7, True)])
+def test_matrix_std_runs_the_sequential_sum_only_when_the_fast_one_cannot_decide(
+        monkeypatch, two_thread_reference, slack, sequential):
+    """The fast sum decides the float32 std unless a rounding boundary lies within its
+    error bound (a bound made huge here); either way the bits are torch's."""
+    from zpruner import scores
+
+    if slack is not None:
+        monkeypatch.setattr(scores, "_STD_SLACK", slack)
+    cumsums = []
+    cumsum = torch.cumsum
+    monkeypatch.setattr(torch, "cumsum", lambda *a, **k: cumsums.append(1) or cumsum(*a, **k))
+    X = (torch.randn(100_000, generator=torch.Generator().manual_seed(7)) * 0.01).reshape(1, -1)
+    mean = scores._matrix_mean(X)
+    assert torch.equal(scores._matrix_std(X, mean), two_thread_reference(torch.std, X))
+    assert bool(cumsums) == sequential
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ec_of_a_real_shaped_layer_is_the_reference_bit_for_bit(threads):
     """A SmolLM2 MLP shape, default chunks (one per matrix: the column sums are the

@@ -98,6 +98,9 @@ _GRAIN = 32768  # at::internal::GRAIN_SIZE: fewer elements are reduced in one sh
 # (two 8 MB buffers per call are fresh pages each time), and a 13824 x 5120 one from 86 ms
 # to 97 ms.
 _STD_CHUNK = 1 << 18
+# Safety factor on _matrix_std's bound between its two sums (the bound is first-order in
+# 2⁻⁵³; the second-order terms stay below 0.1 % of it for any matrix under 2⁴⁰ elements)
+_STD_SLACK = 1.01
 
 
 def _shares(n: int) -> list[slice]:
@@ -121,9 +124,19 @@ def _matrix_mean(X: torch.Tensor) -> torch.Tensor:
     return sum_parts(_over_shares(lambda share: flat[share].sum(), flat.numel())).div_(flat.numel())
 
 
-def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def _matrix_std(X: torch.Tensor, mean: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """X.std() (unbiased) as torch computes it on two threads, given ``_matrix_mean(X)``:
-    Σ (x − mean)² in float64, sequentially within each share, the shares added in order."""
+    Σ (x − mean)² in float64, sequentially within each share, the shares added in order.
+
+    The sequential sum (a cumulative sum, element after element) is the slow part, so the
+    same float64 terms are first summed in another order (``fast``: torch's vectorised sum a
+    step at a time, the steps' sums added exactly rounded). The sequential sum of a share
+    of N non-negative terms is within (N − 1)·2⁻⁵³ of the exact sum and the fast one within
+    (step − 1)·2⁻⁵³; if every total in that range gives the same float32 std, it is the
+    sequential sum's float32 std too; otherwise (a rounding boundary that close) the
+    sequential sum runs as well (``benchmarks/zpruner_std.py`` counts how often, and times
+    both).
+    """
     flat = X.reshape(-1)
     m = float(mean)
     shares = _shares(flat.numel())
@@ -142,9 +155,29 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             running = float(torch.cumsum(part, 0, out=sums[:b - a + 1])[-1])
         return running
 
-    total = sum_parts(_over_shares(sequential_sum, flat.numel(), shares))
-    var = total / max(0.0, flat.numel() - 1)
-    return torch.tensor(math.sqrt(var), dtype=torch.float64).to(device=X.device, dtype=torch.float32)
+    def fast_sum(share: slice) -> float:
+        # the same terms, each step summed on its own and the steps' sums added exactly
+        # rounded: within (step − 1)·u of the exact sum, u = 2⁻⁵³
+        terms = torch.empty(step, dtype=torch.float64, device=X.device)
+        sums = []
+        for a in range(share.start, share.stop, step):
+            b = min(a + step, share.stop)
+            sums.append(float(terms[:b - a].copy_(flat[a:b]).sub_(m).square_().sum()))
+        return math.fsum(sums)
+
+    def std(total: float) -> torch.Tensor:
+        var = total / max(0.0, flat.numel() - 1)
+        return torch.tensor(math.sqrt(var), dtype=torch.float64).to(device=X.device, dtype=torch.float32)
+
+    if fast and flat.numel() > 1:
+        total = sum_parts(_over_shares(fast_sum, flat.numel(), shares))
+        # A sequential sum of N non-negative terms is within (N − 1)·u of the exact one, the
+        # fast one within (step − 1)·u, and adding the shares' sums costs u in each
+        longest = max(share.stop - share.start for share in shares)
+        slack = _STD_SLACK * (longest + step + 2) * 2.0**-53
+        if math.isfinite(total) and torch.equal(std(total * (1 - slack)), std(total * (1 + slack))):
+            return std(total)
+    return std(sum_parts(_over_shares(sequential_sum, flat.numel(), shares)))
 
 
 @SCORES.register("zpruner", needs_activations=True, default_group="row")
@@ -163,23 +196,36 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     place allocates nothing else full-size.
     """
     W = W.float()
-    row_norm = W.norm(dim=1, keepdim=True)
-    col_norm = column_norm(W)[None, :]
-    row_norm, col_norm = row_norm.where(row_norm > 0, 1.0), col_norm.where(col_norm > 0, 1.0)
     S = torch.empty_like(W)  # the score in the end; until then each whole-matrix operand in turn
 
-    def standardisation(norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean and std (unbiased, as torch.std; 1 for a constant matrix) of W / norm."""
-        X = torch.div(W, norm, out=S)
+    def abs_and_row_norms(rows: slice, _scratch: Scratch) -> torch.Tensor:
+        # |W| and the row norms in one read of W; a row's norm is reduced within the row,
+        # so a chunk of rows gives torch's bits for the whole matrix
+        torch.abs(W[rows], out=S[rows])
+        return W[rows].norm(dim=1, keepdim=True)
+
+    row_norm = torch.cat(map_chunks(abs_and_row_norms, W, 0))
+    col_norm = column_norm(W)[None, :]
+    row_norm, col_norm = row_norm.where(row_norm > 0, 1.0), col_norm.where(col_norm > 0, 1.0)
+
+    def standardisation(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std (unbiased, as torch.std; 1 for a constant matrix) of X."""
         mean = _matrix_mean(X)
         std = _matrix_std(X, mean)
         return mean, std.where(std > 0, 1.0)
 
-    A = torch.abs(W, out=S)
-    small = _fraction_below_(A, 0.1 * _matrix_mean(A))  # (A < 0.1·mean|A|).float().mean()
+    def row_normalised(rows: slice) -> None:
+        torch.div(W[rows], row_norm[rows], out=S[rows])
+
+    threshold = 0.1 * _matrix_mean(S)  # S holds |W|
+    # (|W| < 0.1·mean|W|).float().mean(); S becomes W / row_norm as it is counted
+    small = _fraction_below_(S, threshold, then=row_normalised)
+    if small is None:  # the count needs |W| as floats
+        small = _fraction_below_(torch.abs(W, out=S), threshold)
+        map_chunks(lambda rows, _scratch: row_normalised(rows), W, 0)
     alpha = 0.7 * (1 - 0.3 * small)
-    mean_r, std_r = standardisation(row_norm)
-    mean_c, std_c = standardisation(col_norm)  # S holds W / col_norm from here on
+    mean_r, std_r = standardisation(S)
+    mean_c, std_c = standardisation(torch.div(W, col_norm, out=S))  # S holds W / col_norm from here on
     act = stats.l2.to(W.device).pow(1.5)[None, :]
 
     def score(rows: slice, scratch: Scratch) -> None:
@@ -197,23 +243,33 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
 _EXACT_COUNT = 1 << 24  # float32 holds every integer below this
 
 
-def _fraction_below_(X: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """(X < threshold).float().mean() as ``_matrix_mean`` computes it, mostly without the
-    float matrix: a share's float32 sum of ones is its count exactly while the count is
-    below 2²⁴ (every partial sum is then an integer float32 holds). Above, the ones are
-    written into X itself and summed as they are. A share is counted a chunk at a time:
-    the comparison's bool temporary then comes from the allocator's free lists, not as
-    fresh pages (rowpass's docstring)."""
+def _fraction_below_(X: torch.Tensor, threshold: torch.Tensor,
+                     then: Callable[[slice], object] | None = None) -> torch.Tensor | None:
+    """(X < threshold).float().mean() for X [out, in] as ``_matrix_mean`` computes it, mostly
+    without the float matrix: a share's float32 sum of ones is its count exactly while the
+    count is below 2²⁴ (every partial sum is then an integer float32 holds). Above, the
+    ones are written into X itself and summed as they are.
+
+    Counted a chunk of rows at a time (each chunk's elements split between the shares),
+    so the comparison's bool temporary comes from the allocator's free lists, not as fresh
+    pages (rowpass's docstring). ``then(rows)``, if given, runs on each chunk once it is
+    counted and may overwrite X's rows (the caller's next pass, saving a read of X); if X
+    is then needed as floats (a share's count of 2²⁴ or more), nothing is written into it
+    and None is returned: the caller must compute the fraction again from a fresh X."""
     flat = X.reshape(-1)
-    step = rowpass.CHUNK_ELEMENTS
+    shares = _shares(flat.numel())
 
-    def count(share: slice) -> int:
-        return sum(int(torch.count_nonzero(flat[a:min(a + step, share.stop)] < threshold))
-                   for a in range(share.start, share.stop, step))
+    def count(rows: slice, _scratch: Scratch) -> list[int]:
+        first, last = rows.start * X.shape[1], rows.stop * X.shape[1]
+        counts = [int(torch.count_nonzero(flat[max(first, share.start):min(last, share.stop)] < threshold))
+                  for share in shares]
+        if then is not None:
+            then(rows)
+        return counts
 
-    counts = _over_shares(count, flat.numel())
+    counts = [sum(share_counts) for share_counts in zip(*map_chunks(count, X, 0))]
     if max(counts) >= _EXACT_COUNT:
-        return _matrix_mean(torch.lt(X, threshold, out=X))
+        return None if then is not None else _matrix_mean(torch.lt(X, threshold, out=X))
     parts = [torch.tensor(float(count), dtype=torch.float32, device=X.device) for count in counts]
     return sum_parts(parts).div_(flat.numel())
 
@@ -274,18 +330,35 @@ def _sequential_column_sum_is_torchs() -> bool:
     return torch.equal(_sequential_column_norm(W), W.norm(dim=0))
 
 
+# Relative distance from a float32 rounding boundary below which column_variance takes a
+# column from torch's kernel. Torch's Welford result and the sums here are both within
+# about n·2⁻⁵³ of the exact value: with no margin at all, none of 38016 random columns of
+# LLaMA and SmolLM2 shapes rounded otherwise than torch's
+# (experiments/column_variance_margin.py), and of SmolLM2's 149,760 real ones the one that
+# does lies 6e-17 from the boundary. 1e-10 sends 0.2 % of the columns to torch (1e-9, the
+# margin before: 2.3 %, whose strided reads cost 0.015 s on a 13824 x 5120 matrix).
+_TIE_MARGIN = 1e-10
+
+# Rows per step of column_variance's float64 sums over a matrix larger than a chunk: a
+# 64 x 5120 block (2.6 MB in float64) stays in a core's cache between its two products
+# (faster so than in chunks of CHUNK_ELEMENTS or as torch's sum(0), in a session test). A
+# matrix of at most a chunk is one step: in 64-row steps a SmolLM2 MLP projection took
+# 3.4 ms against 0.6 ms, the worker threads' hand-offs (benchmarks/column_reductions.py).
+_MOMENT_ROWS = 64
+
+
 def column_variance(W: torch.Tensor) -> torch.Tensor:
     """Var_i W_ij over the rows (population variance): [in], the bits of torch's
-    ``W.var(dim=0, unbiased=False)``, 2 to 3 times faster on a large float32 CPU matrix
+    ``W.var(dim=0, unbiased=False)``, 2.5 to 4.5 times faster on a large float32 CPU matrix
     (``benchmarks/column_reductions.py``).
 
     Torch's CPU kernel runs Welford's recurrence in float64, one element at a time, and
     rounds the result to float32 once. One pass over row chunks in float64 gives Σx and
     Σx², and Σx² − (Σx)²/n lands within (3n + 5)·2⁻⁵³·Σx² of the exact centred energy
-    (each term is within n·2⁻⁵³·Σx², as |Σx| ≤ sqrt(n·Σx²)). Where that bound is below
-    1e-10 of the energy (a column whose mean is not large against its spread: all of
-    SmolLM2's), the variance rounds to the same float32 as torch's except where the
-    exact value lies next to the middle between two float32s; such columns, and those with
+    (each term is within n·2⁻⁵³·Σx², as |Σx| ≤ sqrt(n·Σx²)). Where that bound is below a
+    quarter of _TIE_MARGIN of the energy (a column whose mean is not large against its
+    spread: all of SmolLM2's), the variance rounds to the same float32 as torch's except
+    where the exact value lies next to the middle between two float32s; such columns, and those with
     a larger bound, are taken from torch's kernel itself. A float32 formula moved the
     SmolLM2 CVR 50 % cell from 81.951 to 81.870 (issue 14), and verified results stay as
     they are. Elsewhere torch's own kernel: on a GPU or another dtype it accumulates
@@ -296,22 +369,25 @@ def column_variance(W: torch.Tensor) -> torch.Tensor:
     n = W.shape[0]
 
     def moments(rows: slice, _scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+        # Σ and Σ² down the columns as products with a vector of ones: the bound above holds
+        # for any order of summation, and BLAS's is about twice as fast as torch's sum(0)
         block = W[rows].double()
-        return block.sum(0), block.square_().sum(0)
+        ones = block.new_ones(block.shape[0])
+        return ones @ block, ones @ block.square_()
 
-    parts = map_chunks(moments, W, 0)
+    parts = map_chunks(moments, W, 0, rows=_MOMENT_ROWS if W.numel() > rowpass.CHUNK_ELEMENTS else None)
     total = sum(part[0] for part in parts)
     squares = sum(part[1] for part in parts)
     energy = squares - total * total / n
     variance = energy / n
     error_bound = (3 * n + 5) * 2.0**-53 * squares / energy  # relative to the energy
-    # torch's Welford result is within a few float64 ulps of the exact value too; 1e-9
-    # leaves a wide margin and sends 2.3 % of SmolLM2's columns to torch
-    near_a_tie = (variance * (1 + 1e-9)).float() != (variance * (1 - 1e-9)).float()
-    near_a_tie |= ~((energy > 0) & (error_bound < 1e-10))  # also a column with no spread
+    # A column is sent to torch when a float32 rounding boundary lies within _TIE_MARGIN of
+    # its variance, or when the bound above is not well inside that margin
+    near_a_tie = (variance * (1 + _TIE_MARGIN)).float() != (variance * (1 - _TIE_MARGIN)).float()
+    near_a_tie |= ~((energy > 0) & (error_bound < _TIE_MARGIN / 4))  # also a column with no spread
     variance = variance.float()
     if near_a_tie.any():
         # two columns at least: torch reduces a lone column another way
         columns = torch.cat([near_a_tie.nonzero().flatten(), torch.tensor([0, 1])])
-        variance[columns] = W[:, columns].var(dim=0, unbiased=False)
+        variance[columns] = W.index_select(1, columns).var(dim=0, unbiased=False)
     return variance

@@ -147,8 +147,9 @@ def energy_compensate_(
         mu = dense.mean(dim=1, keepdim=True)
         buf = scratch.get(0, block.shape[0])
         e0 = torch.sub(dense, mu, out=buf).square_().sum(dim=1, keepdim=True)
-        e = torch.sub(block, mu, out=buf).mul_(kept).square_().sum(dim=1, keepdim=True)
-        rescale(block, kept, mu, _gamma(e0, e).clamp(lo, hi))
+        block.sub_(mu)  # the rescale's first step, done before E needs it: one op fewer
+        e = torch.mul(block, kept, out=buf).square_().sum(dim=1, keepdim=True)
+        block.mul_(_gamma(e0, e).clamp(lo, hi)).add_(mu).mul_(kept)
 
     for axis in axes:
         if axis not in ("col", "row"):
