@@ -140,7 +140,8 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor, fast: bool = True) -> torch
     flat = X.reshape(-1)
     m = float(mean)
     shares = _shares(flat.numel())
-    step = min(_STD_CHUNK, max(share.stop - share.start for share in shares))
+    longest = max(share.stop - share.start for share in shares)
+    step = min(_STD_CHUNK, longest)
 
     def sequential_sum(share: slice) -> float:
         # [running sum, (x − m)² of the next elements]; its cumulative sum is the sequential one
@@ -173,7 +174,6 @@ def _matrix_std(X: torch.Tensor, mean: torch.Tensor, fast: bool = True) -> torch
         total = sum_parts(_over_shares(fast_sum, flat.numel(), shares))
         # A sequential sum of N non-negative terms is within (N − 1)·u of the exact one, the
         # fast one within (step − 1)·u, and adding the shares' sums costs u in each
-        longest = max(share.stop - share.start for share in shares)
         slack = _STD_SLACK * (longest + step + 2) * 2.0**-53
         if math.isfinite(total) and torch.equal(std(total * (1 - slack)), std(total * (1 + slack))):
             return std(total)
@@ -222,7 +222,7 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     small = _fraction_below_(S, threshold, then=row_normalised)
     if small is None:  # the count needs |W| as floats
         small = _fraction_below_(torch.abs(W, out=S), threshold)
-        map_chunks(lambda rows, _scratch: row_normalised(rows), W, 0)
+        torch.div(W, row_norm, out=S)
     alpha = 0.7 * (1 - 0.3 * small)
     mean_r, std_r = standardisation(S)
     mean_c, std_c = standardisation(torch.div(W, col_norm, out=S))  # S holds W / col_norm from here on
@@ -369,8 +369,8 @@ def column_variance(W: torch.Tensor) -> torch.Tensor:
     n = W.shape[0]
 
     def moments(rows: slice, _scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-        # Σ and Σ² down the columns as products with a vector of ones: the bound above holds
-        # for any order of summation, and BLAS's is about twice as fast as torch's sum(0)
+        # Σ and Σ² down the columns as products with a vector of ones (BLAS's order: the
+        # bound above holds for any order of summation; why, at _MOMENT_ROWS)
         block = W[rows].double()
         ones = block.new_ones(block.shape[0])
         return ones @ block, ones @ block.square_()
