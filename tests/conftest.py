@@ -130,3 +130,15 @@ def smollm2(shared_data):
     from zpruner import ModelConfig, load_model
 
     return load_model(ModelConfig("smollm2-135m", device="cpu"))
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "fused"])
+def fused(request):
+    """The ``fused`` argument of EC and SparseGPT: their eager torch loops, then the compiled
+    kernels (skipped where those cannot be built; test_native checks that they build
+    wherever a C compiler exists)."""
+    from zpruner import native, sparsegpt, updates
+
+    if request.param and None in (native.load(*updates._KERNEL), native.load(*sparsegpt._KERNEL)):
+        pytest.skip("the native kernels could not be built here (no C compiler, or ZPRUNER_NATIVE=0)")
+    return request.param

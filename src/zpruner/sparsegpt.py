@@ -14,13 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .errors import ZprunerError
 from .masks import Pattern, drop_lowest, drop_lowest_set, n_pruned
 from .registry import SOLVERS, UPDATES, constant
+from .rowpass import map_chunks
 
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RAISES = 6
+
+_KERNEL = ("sparsegpt_kernel", (
+    ("sparsegpt_columns", (native.POINTER, native.INT64) * 4 + (native.INT64,) * 4, native.INT),
+))
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -60,31 +66,33 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_after: int) -> torch.Tensor:
-    """Unstructured mask of one column block, W1 given transposed ([cols, out], as the
-    solver holds it), returned the same way: drop the lowest saliencies W²/d², as many as
-    make the layer's running count exact (floor(s·out·cols) over the columns so far).
+    """Unstructured mask of one column block W1: [out, cols] (any strides): drop the lowest
+    saliencies W²/d², as many as make the layer's running count exact (floor(s·out·cols)
+    over the columns so far).
 
-    The saliencies are selected in the transposed order when the lowest ones are a set
-    of values; when a tie at the cut makes top-k's choice matter, in the reference's
-    [out, cols] order, so that the mask is the reference's either way."""
+    When the lowest saliencies are a set of values, any order selects them; when a tie at
+    the cut makes top-k's choice matter, they are ranked in the reference's [out, cols]
+    order, so that the mask is the reference's either way."""
     k = pruned_after - pruned_before
-    saliency = W1.square() / d.square()[:, None]
+    saliency = W1.square() / d.square()[None, :]
     keep = drop_lowest_set(saliency.reshape(-1), k)
     if keep is None:
-        return drop_lowest(saliency.t().reshape(1, -1), k).reshape(W1.shape[1], -1).t().contiguous()
+        return drop_lowest(saliency.reshape(1, -1), k).reshape(W1.shape)
     return keep.reshape(W1.shape)
 
 
 @torch.no_grad()
 def sparsegpt(
     W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None, sparsity: float = 0.0,
-    pattern: Pattern = Pattern(), blocksize: int = 128, damp: float = 0.01,
+    pattern: Pattern = Pattern(), blocksize: int = 128, damp: float = 0.01, fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', keep): W' [out, in] float32 with exactly the zeros of keep.
 
     keep None: choose the mask inside the solver (unstructured at ``sparsity`` per layer,
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
-    ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns.
+    ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns. On the
+    CPU a block's column loop runs as compiled code (``sparsegpt_kernel.c``, built by
+    ``zpruner.native``; fused=False for the torch loop), with the same bits.
 
     Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast
     as one from LLaMA-2-7B's layer shapes up, and 0.84-1.23 times on SmolLM2's small ones
@@ -99,50 +107,104 @@ def sparsegpt(
     and the thread count"), and the same cell moves more from one CPU to another
     (experiments/quick_table.md, "SparseGPT's own float noise").
     """
-    return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp)
+    return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp, fused)
 
 
 def _solve(
     W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None, sparsity: float, pattern: Pattern,
-    blocksize: int, damp: float,
+    blocksize: int, damp: float, fused: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     d_out, d_in = W.shape
     U = inverse_hessian_factor(H, damp)
     choose = keep is None
-    keep = torch.ones_like(W, dtype=torch.bool) if choose else keep.to(W.device).clone()
+    if choose:
+        keep = torch.ones_like(W, dtype=torch.bool)
+    else:
+        keep = keep.to(W.device).clone(memory_format=torch.contiguous_format)
     if pattern.is_nm:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    kernel = _kernel(W, U, keep, fused)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         U1 = U[i1:i2, i1:i2]
-        # The block is worked on transposed, [cols, out], so that a column of W and every
-        # rank-1 update below run over contiguous memory: the same elementwise operations
-        # as the reference on each weight, hence the same bits; with the in-place update
-        # below, the solve takes half the time at 5120 inputs (benchmarks/README.md,
-        # "SparseGPT's column loop").
-        W1 = W[:, i1:i2].t().contiguous()
-        if choose and not pattern.is_nm:
-            keep1 = _block_keep(W1, U1.diagonal(), n_pruned(sparsity, d_out * i1), n_pruned(sparsity, d_out * i2))
+        if kernel is not None:
+            err1 = _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern)
         else:
-            keep1 = keep[:, i1:i2].t().contiguous()
-        err1 = torch.empty_like(W1)
-        for j in range(i2 - i1):
-            if choose and pattern.is_nm and j % pattern.m == 0:
-                group = slice(j, j + pattern.m)
-                saliency = W1[group].t().square() / U1.diagonal()[group].square()[None, :]
-                keep1[group] = drop_lowest(saliency, pattern.n).t()
-            w, dj = W1[j], U1[j, j]
-            err = (w - w * keep1[j]) / dj
-            W1[j:] -= U1[j, j:, None] * err[None, :]
-            err1[j] = err
-        keep[:, i1:i2] = keep1.t()
-        W[:, i1:i2] = (W1 * keep1).t()
+            err1 = _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern)
         # The lazy update multiplies the reference's own layout: BLAS may sum in another
         # order for a transposed operand (it did for a 96 x 64 by 64 x 8 product). In place,
         # it is the reference's product and subtraction without a temporary the size of the
         # rest of W (tests/test_methods.py checks the bits).
-        W[:, i2:].addmm_(err1.t().contiguous(), U[i1:i2, i2:], alpha=-1)
+        W[:, i2:].addmm_(err1, U[i1:i2, i2:], alpha=-1)
     return W * keep, keep
+
+
+def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | None):
+    """The compiled column loop (``sparsegpt_kernel.c``) where it builds and applies (CPU,
+    float32, contiguous), unless fused is False; None otherwise. Same bits as the eager loop."""
+    applies = (fused is not False and W.device.type == "cpu" and W.dtype == U.dtype == torch.float32
+               and W.is_contiguous() and keep.is_contiguous())
+    return native.load(*_KERNEL) if applies else None
+
+
+def _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor:
+    """One block's column loop in torch ops, updating W and keep in place; returns the
+    block's errors [out, width] for the lazy update."""
+    d_out = W.shape[0]
+    # The block is worked on transposed, [cols, out], so that a column of W and every
+    # rank-1 update below run over contiguous memory: the same elementwise operations
+    # as the reference on each weight, hence the same bits; with the in-place update
+    # below, the solve takes half the time at 5120 inputs (benchmarks/README.md,
+    # "SparseGPT's column loop").
+    W1 = W[:, i1:i2].t().contiguous()
+    if choose and not pattern.is_nm:
+        keep1 = _block_keep(W1.t(), U1.diagonal(), n_pruned(sparsity, d_out * i1),
+                            n_pruned(sparsity, d_out * i2)).t().contiguous()
+    else:
+        keep1 = keep[:, i1:i2].t().contiguous()
+    err1 = torch.empty_like(W1)
+    for j in range(i2 - i1):
+        if choose and pattern.is_nm and j % pattern.m == 0:
+            group = slice(j, j + pattern.m)
+            saliency = W1[group].t().square() / U1.diagonal()[group].square()[None, :]
+            keep1[group] = drop_lowest(saliency, pattern.n).t()
+        w, dj = W1[j], U1[j, j]
+        err = (w - w * keep1[j]) / dj
+        W1[j:] -= U1[j, j:, None] * err[None, :]
+        err1[j] = err
+    keep[:, i1:i2] = keep1.t()
+    W[:, i1:i2] = (W1 * keep1).t()
+    return err1.t().contiguous()
+
+
+def _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor:
+    """``_eager_block`` with the column loop compiled, in W's own layout (no transposed
+    copies), its output rows shared out over the worker threads."""
+    d_out, d_in = W.shape
+    width = i2 - i1
+    U1 = U[i1:i2, i1:i2].contiguous()  # LAPACK's factor comes column-major
+    diagonal = U1.diagonal()
+    if choose and not pattern.is_nm:
+        keep[:, i1:i2] = _block_keep(W[:, i1:i2], diagonal, n_pruned(sparsity, d_out * i1),
+                                     n_pruned(sparsity, d_out * i2))
+    err1 = torch.empty(d_out, width, dtype=W.dtype)
+    step = pattern.m if choose and pattern.is_nm else width
+    rows = -(-d_out // (2 * torch.get_num_threads()))  # two pieces a thread: one stalled thread delays less
+    for j1 in range(0, width, step):
+        j2 = min(j1 + step, width)
+        if choose and pattern.is_nm:
+            saliency = W[:, i1 + j1:i1 + j2].square() / diagonal[j1:j2].square()[None, :]
+            keep[:, i1 + j1:i1 + j2] = drop_lowest(saliency, pattern.n)
+
+        def columns(part: slice, _scratch) -> int:
+            return kernel.sparsegpt_columns(W[part.start, i1:].data_ptr(), d_in, keep[part.start, i1:].data_ptr(),
+                                            d_in, U1.data_ptr(), width, err1[part.start].data_ptr(), width,
+                                            part.stop - part.start, j1, j2, width)
+
+        if any(map_chunks(columns, W, 0, rows=rows)):
+            raise MemoryError(f"SparseGPT: no memory for a {width}-column block's work buffers")
+    W[:, i1:i2].mul_(keep[:, i1:i2])
+    return err1
 
 
 @dataclass(frozen=True, kw_only=True)

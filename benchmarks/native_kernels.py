@@ -1,0 +1,106 @@
+"""zpruner's compiled kernels (src/zpruner/*.c, built by zpruner.native) against the eager
+torch loops they replace, on LLaMA-2-13B-shaped layers: time, and how far the results move.
+
+- EC (columns then rows, clamp 0.8-1.25, from W0 and a random 50 % mask): the kernel sums
+  in float64 where the eager passes sum in float32, so weights move within float32
+  reassociation; printed: the largest change relative to the largest weight, and the
+  share of weights whose bits differ.
+- SparseGPT (50 % adaptive mask, the layer_runtime.py data: 2048 activations with outlier
+  channels): the compiled column loop must give the same bits, W' and mask.
+Also the time to build both kernels into an empty cache (the first use on a machine).
+Medians of ``--repeats``, eager and compiled interleaved.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/native_kernels.py --json benchmarks/native_kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from _common import environment, markdown_table, parse_shape, write_json
+from layer_runtime import random_activations, random_layer
+
+
+def build_seconds() -> float:
+    from zpruner import native, sparsegpt, updates
+
+    with tempfile.TemporaryDirectory() as cache:
+        before = os.environ.get("ZPRUNER_CACHE")
+        os.environ["ZPRUNER_CACHE"] = cache
+        native.load.cache_clear()
+        try:
+            start = time.perf_counter()
+            if None in (native.load(*updates._KERNEL), native.load(*sparsegpt._KERNEL)):
+                raise SystemExit("the kernels did not build here: see the zpruner.native log (no C compiler?)")
+            return time.perf_counter() - start
+        finally:
+            native.load.cache_clear()
+            if before is None:
+                del os.environ["ZPRUNER_CACHE"]
+            else:
+                os.environ["ZPRUNER_CACHE"] = before
+
+
+def timed(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """(median seconds, last result) per run name, the runs interleaved."""
+    times = {name: [] for name in runs}
+    results = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="5120x5120,13824x5120", help="comma-separated OUTxIN")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write every figure and the settings here")
+    args = parser.parse_args()
+    from zpruner.sparsegpt import sparsegpt
+    from zpruner.stats import ActivationStats
+    from zpruner.updates import energy_compensate_
+
+    build_s = build_seconds()
+    rows, records = [], []
+    for shape in (parse_shape(s) for s in args.shapes.split(",")):
+        W0 = random_layer(*shape, torch.Generator().manual_seed(1))
+        keep = torch.rand(*shape, generator=torch.Generator().manual_seed(2)) > 0.5
+        stats = ActivationStats(shape[1], hessian=True)
+        stats.add(random_activations(2048, shape[1], torch.Generator().manual_seed(0)))
+        for fused in (False, True):  # warm-up: the first call builds or loads the kernel
+            energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=fused)
+        ec, ec_out = timed({f: (lambda f=f: energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25),
+                                                                fused=f)) for f in (False, True)}, args.repeats)
+        eager, compiled = ec_out[False], ec_out[True]
+        moved = ((compiled - eager).abs().max() / eager.abs().max()).item()
+        differing = (compiled.view(torch.int32) != eager.view(torch.int32)).float().mean().item()
+        sg, sg_out = timed({f: (lambda f=f: sparsegpt(W0, stats.xtx, sparsity=0.5, fused=f)) for f in (False, True)},
+                           args.repeats)
+        same = all(torch.equal(a, b) for a, b in zip(sg_out[False], sg_out[True]))
+        name = f"{shape[0]}x{shape[1]}"
+        rows += [[name, "EC (col, row)", f"{ec[False]:.3f}", f"{ec[True]:.3f}", f"{ec[False] / ec[True]:.2f}x",
+                  f"max change {moved:.1e} of max weight; {100 * differing:.1f} % of weights differ"],
+                 [name, "SparseGPT solve", f"{sg[False]:.3f}", f"{sg[True]:.3f}", f"{sg[False] / sg[True]:.2f}x",
+                  "same bits (W' and mask)" if same else "BITS DIFFER"]]
+        records.append({"shape": name, "ec_s": ec, "ec_max_change": moved, "ec_differing": differing,
+                        "sparsegpt_s": sg, "sparsegpt_same_bits": same})
+    print(f"{torch.get_num_threads()} torch threads, medians of {args.repeats}; "
+          f"both kernels built into an empty cache in {build_s:.1f} s\n")
+    print(markdown_table(["shape", "work", "eager s", "kernel s", "speed-up", "results"], rows, right={2, 3, 4}))
+    if args.json:
+        write_json(args.json, {"environment": environment(), "build_s": build_s, "repeats": args.repeats,
+                               "results": [{**r, "ec_s": {str(k): v for k, v in r["ec_s"].items()},
+                                            "sparsegpt_s": {str(k): v for k, v in r["sparsegpt_s"].items()}}
+                                           for r in records]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The compiled kernels' build: where it lands, that it is used when it builds, and that
+zpruner keeps working (eager, quietly) when it cannot build."""
+import logging
+import shutil
+
+import pytest
+import torch
+
+from zpruner import native, rowpass, sparsegpt, updates
+
+KERNELS = [updates._KERNEL, sparsegpt._KERNEL]
+
+
+@pytest.fixture
+def fresh_loads():
+    """load() caches per process: start from nothing, and leave nothing behind for the
+    tests after (they load again from the default cache)."""
+    native.load.cache_clear()
+    yield
+    native.load.cache_clear()
+
+
+def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch, tmp_path):
+    if shutil.which(native._compiler()[0]) is None:
+        pytest.skip(f"no C compiler here ({native._compiler()[0]}): zpruner runs its eager paths")
+    monkeypatch.setenv("ZPRUNER_CACHE", str(tmp_path))
+    monkeypatch.delenv("ZPRUNER_NATIVE", raising=False)
+    for kernel in KERNELS:
+        assert native.load(*kernel) is not None, f"{kernel[0]}.c did not build with {native._compiler()}"
+    built = sorted((tmp_path / "native").iterdir())
+    assert len(built) == 2 and not any(p.name.startswith(".") for p in built)  # no partial file left
+    stamps = [p.stat().st_mtime_ns for p in built]
+    native.load.cache_clear()
+    assert native.load(*KERNELS[0]) is not None
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "native").iterdir())] == stamps  # reused
+
+
+@pytest.mark.parametrize("how", ["no compiler", "ZPRUNER_NATIVE=0"])
+def test_without_kernels_ec_and_sparsegpt_run_eager_with_no_warning(fresh_loads, monkeypatch, tmp_path, caplog,
+                                                                    how):
+    monkeypatch.setenv("ZPRUNER_CACHE", str(tmp_path))
+    if how == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    else:
+        monkeypatch.setenv("ZPRUNER_NATIVE", "0")
+    monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 100)  # large enough for the kernel, were it there
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(30, 20, generator=g)
+    keep = torch.rand(30, 20, generator=g) > 0.5
+    X = torch.randn(50, 20, generator=g)
+    with caplog.at_level(logging.INFO, logger="zpruner"):
+        assert updates.ec_kernel(W0, None, keep) is None
+        ec = updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25))
+        solved = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8)
+    assert torch.equal(ec, updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=False))
+    eager = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8, fused=False)
+    assert torch.equal(solved[0], eager[0]) and torch.equal(solved[1], eager[1])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    if how == "no compiler":
+        notes = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(notes) == 2 and all("eager" in note for note in notes)  # once per kernel, not per call
+    assert not any(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
+
+
+def test_sparsegpt_runs_its_kernel_on_the_cpu_unless_told_not_to():
+    if native.load(*sparsegpt._KERNEL) is None:
+        pytest.skip("the native SparseGPT kernel could not be built here")
+    W, U, keep = torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool)
+    assert sparsegpt._kernel(W, U, keep, None) is not None
+    assert sparsegpt._kernel(W, U, keep, False) is None
+    assert sparsegpt._kernel(W.double(), U.double(), keep, None) is None
+
+
+def test_large_layers_use_the_kernel_and_one_chunk_layers_keep_the_textbook_path(monkeypatch):
+    """The rule behind SmolLM2's unchanged +EC cells: the kernel (reassociated sums) only
+    above one chunk, where the eager column sums are reassociated anyway."""
+    if native.load(*updates._KERNEL) is None:
+        pytest.skip("the native EC kernel could not be built here")
+    W0, keep = torch.zeros(10, 10), torch.ones(10, 10, dtype=torch.bool)
+    assert updates.ec_kernel(W0, None, keep) is None
+    monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 99)
+    assert updates.ec_kernel(W0, None, keep) is not None
+    assert updates.ec_kernel(W0, None, keep, fused=False) is None
+    assert updates.ec_kernel(W0.t(), None, keep) is None  # not row-major: eager
+    assert updates.ec_kernel(W0.double(), None, keep) is None
