@@ -68,6 +68,8 @@ def test_sparsegpt_runs_its_kernel_on_the_cpu_unless_told_not_to():
     W, U, keep = torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool)
     assert sparsegpt._kernel(W, U, keep, None) is not None
     assert sparsegpt._kernel(W, U, keep, False) is None
+    assert sparsegpt._kernel(W, U, keep, None, groups_chosen=True) is None  # N:M chosen in the loop: torch's
+    assert sparsegpt._kernel(W, U, keep, True, groups_chosen=True) is not None
     assert sparsegpt._kernel(W.double(), U.double(), keep, None) is None
 
 

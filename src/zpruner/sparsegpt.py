@@ -92,7 +92,8 @@ def sparsegpt(
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
     ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns. On the
     CPU a block's column loop runs as compiled code (``sparsegpt_kernel.c``, built by
-    ``zpruner.native``; fused=False for the torch loop), with the same bits.
+    ``zpruner.native``), with the same bits, unless N:M groups are chosen in the loop
+    (``fused``: see ``_kernel``).
 
     Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast
     as one from LLaMA-2-7B's layer shapes up, and 0.84-1.23 times on SmolLM2's small ones
@@ -123,7 +124,7 @@ def _solve(
         keep = keep.to(W.device).clone(memory_format=torch.contiguous_format)
     if pattern.is_nm:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    kernel = _kernel(W, U, keep, fused)
+    kernel = _kernel(W, U, keep, fused, groups_chosen=choose and pattern.is_nm)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         U1 = U[i1:i2, i1:i2]
@@ -139,11 +140,14 @@ def _solve(
     return W * keep, keep
 
 
-def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | None):
+def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | None, groups_chosen: bool = False):
     """The compiled column loop (``sparsegpt_kernel.c``) where it builds and applies (CPU,
-    float32, contiguous), unless fused is False; None otherwise. Same bits as the eager loop."""
+    float32, contiguous), else None; same bits as the eager loop. fused None: unless N:M
+    groups are chosen inside the loop (a kernel call per group, each copying the block's
+    tiles in and out, lost to the torch loop: benchmarks/native_kernels.py); True: always;
+    False: never."""
     applies = (fused is not False and W.device.type == "cpu" and W.dtype == U.dtype == torch.float32
-               and W.is_contiguous() and keep.is_contiguous())
+               and W.is_contiguous() and keep.is_contiguous() and (fused or not groups_chosen))
     return native.load(*_KERNEL) if applies else None
 
 
