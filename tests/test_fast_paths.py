@@ -144,6 +144,22 @@ def test_fused_ec_rounds_every_elementwise_step_as_torch_does():
     assert torch.cat(signs).any() and not torch.cat(signs).all()  # both zeros occur
 
 
+def test_fused_ec_gives_torchs_nan_where_energies_overflow():
+    """A row of weights near 1e20: its squares overflow float32, E0 / E is inf / inf, and
+    the eager path's clamp keeps that NaN; so must the kernel's (a min/max clamp would turn
+    it into the lower bound)."""
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(6, 40, generator=g)
+    W0[2] *= 1e20
+    keep = torch.rand(6, 40, generator=g) > 0.5
+    if ec_kernel(W0, None, keep, True) is None:
+        pytest.skip("the native EC kernel could not be built here")
+    expected = energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25), fused=False)
+    got = energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25), fused=True)
+    assert expected[2].isnan().all() and not expected[[0, 1, 3, 4, 5]].isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
 def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
     """W need not be W0 masked (SparseGPT's output): EC must use W, not W0, for the energies."""
     W0, _, keep = layer(40, 48, seed=2)

@@ -10,9 +10,14 @@
  * Matrices are float32 [rows, cols], row-major and contiguous; keep is 0/1 bytes (torch's
  * bool); a dropped weight is x * 0.0f (so -0.0 for a negative x, as torch gives).
  */
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#if FLT_EVAL_METHOD != 0
+#error "float arithmetic here would round in a wider type than torch's float32 ops (x87?)"
+#endif
 
 #define LANES 16 /* independent accumulators: lets the compiler vectorise a sum without reordering it */
 
@@ -99,7 +104,7 @@ void ec_row_pass(const float *W0, float *W, const uint8_t *keep, int fresh, cons
             continue;
         float E0 = (float)lane_total(dense), E = (float)lane_total(kept);
         float gamma = E > 0.0f ? sqrtf(E0 / E) : 1.0f;
-        gamma = fminf(fmaxf(gamma, lo), hi);
+        gamma = gamma < lo ? lo : (gamma > hi ? hi : gamma); /* torch.clamp's: a NaN stays NaN */
         for (int64_t j = 0; j < cols; j++)
             w[j] = ((w[j] * gamma) + mu) * (float)k[j];
     }

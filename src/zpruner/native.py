@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -47,20 +48,26 @@ def load(name: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
     argument ctypes[, result ctype]) tuples) declared; None when it cannot be built or
     native code is off."""
     if not enabled():
+        log.info("native %s off (ZPRUNER_NATIVE=0): using the eager torch path", name)
         return None
     try:
         library = ctypes.CDLL(str(_built(Path(__file__).with_name(f"{name}.c"))))
         for function, argtypes, *result in signatures:
             getattr(library, function).argtypes = list(argtypes)
             getattr(library, function).restype = result[0] if result else None
-    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+    except (OSError, ValueError, subprocess.SubprocessError, AttributeError) as error:
         log.info("native %s unavailable (%s): using the eager torch path", name, str(error).strip()[:300])
         return None
     return library
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    """$CC as given; else the compiler Python was built with, if this machine has it (a
+    conda Python names its own toolchain's, often absent); else ``cc``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    python_cc = shlex.split(sysconfig.get_config_var("CC") or "")
+    return python_cc if python_cc and shutil.which(python_cc[0]) else ["cc"]
 
 
 def _cpu() -> str:

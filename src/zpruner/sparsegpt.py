@@ -146,7 +146,8 @@ def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | 
     groups are chosen inside the loop (a kernel call per group, each copying the block's
     tiles in and out, lost to the torch loop: benchmarks/native_kernels.py); True: always;
     False: never."""
-    applies = (fused is not False and W.device.type == "cpu" and W.dtype == U.dtype == torch.float32
+    applies = (fused is not False and W.device.type == U.device.type == keep.device.type == "cpu"
+               and W.dtype == U.dtype == torch.float32 and keep.dtype == torch.bool and keep.shape == W.shape
                and W.is_contiguous() and keep.is_contiguous() and (fused or not groups_chosen))
     return native.load(*_KERNEL) if applies else None
 
@@ -191,7 +192,7 @@ def _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern) -> torch
     if choose and not pattern.is_nm:
         keep[:, i1:i2] = _block_keep(W[:, i1:i2], diagonal, n_pruned(sparsity, d_out * i1),
                                      n_pruned(sparsity, d_out * i2))
-    err1 = torch.empty(d_out, width, dtype=W.dtype)
+    err1 = torch.empty(d_out, width, dtype=W.dtype, device=W.device)
     step = pattern.m if choose and pattern.is_nm else width
     rows = -(-d_out // (2 * torch.get_num_threads()))  # two pieces a thread: one stalled thread delays less
     for j1 in range(0, width, step):

@@ -14,8 +14,13 @@
  * lde); columns j_begin <= j < j_end of the block are worked off, each updating the
  * block's columns j..width-1.
  */
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#if FLT_EVAL_METHOD != 0
+#error "float arithmetic here would round in a wider type than torch's float32 ops (x87?)"
+#endif
 
 #define TILE 32 /* output rows worked off together, transposed: every step is a vector over them */
 

@@ -85,9 +85,10 @@ def ec_kernel(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, fuse
     else None. fused None: only for a matrix larger than a chunk, whose column sums are
     reassociated anyway (a one-chunk matrix, every SmolLM2 layer, keeps the textbook bits);
     True: whatever the size (tests); False: never."""
-    applies = (fused is not False and W0.device.type == "cpu" and W0.dtype == torch.float32 and W0.is_contiguous()
-               and keep.dtype == torch.bool and keep.is_contiguous()
-               and (W is None or (W.dtype == torch.float32 and W.is_contiguous()))
+    applies = (fused is not False and W0.device.type == keep.device.type == "cpu" and W0.dtype == torch.float32
+               and W0.is_contiguous() and keep.dtype == torch.bool and keep.shape == W0.shape and keep.is_contiguous()
+               and (W is None or (W.device.type == "cpu" and W.dtype == torch.float32 and W.shape == W0.shape
+                                  and W.is_contiguous()))
                and (fused or W0.numel() > rowpass.CHUNK_ELEMENTS))
     return native.load(*_KERNEL) if applies else None
 
@@ -153,7 +154,7 @@ def energy_compensate_(
         def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
             n = rows.stop - rows.start
             if kernel:
-                e0, e = torch.zeros(2, W0.shape[1], dtype=torch.float64)
+                e0, e = torch.zeros(2, W0.shape[1], dtype=torch.float64, device=W0.device)
                 kernel.ec_column_energies(W0[rows].data_ptr(), None if fresh else W[rows].data_ptr(),
                                           keep[rows].data_ptr(), mu.data_ptr(), n, W0.shape[1], e0.data_ptr(),
                                           e.data_ptr())
