@@ -65,6 +65,11 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
+def _saliency(W1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """OBS saliency W²/d² of columns W1: [out, cols] (any strides), d: [cols] from U's diagonal."""
+    return W1.square() / d.square()[None, :]
+
+
 def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_after: int) -> torch.Tensor:
     """Unstructured mask of one column block W1: [out, cols] (any strides): drop the lowest
     saliencies W²/d², as many as make the layer's running count exact (floor(s·out·cols)
@@ -74,7 +79,7 @@ def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_af
     the cut makes top-k's choice matter, they are ranked in the reference's [out, cols]
     order, so that the mask is the reference's either way."""
     k = pruned_after - pruned_before
-    saliency = W1.square() / d.square()[None, :]
+    saliency = _saliency(W1, d)
     keep = drop_lowest_set(saliency.reshape(-1), k)
     if keep is None:
         return drop_lowest(saliency.reshape(1, -1), k).reshape(W1.shape)
@@ -171,8 +176,7 @@ def _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor
     for j in range(i2 - i1):
         if choose and pattern.is_nm and j % pattern.m == 0:
             group = slice(j, j + pattern.m)
-            saliency = W1[group].t().square() / U1.diagonal()[group].square()[None, :]
-            keep1[group] = drop_lowest(saliency, pattern.n).t()
+            keep1[group] = drop_lowest(_saliency(W1[group].t(), U1.diagonal()[group]), pattern.n).t()
         w, dj = W1[j], U1[j, j]
         err = (w - w * keep1[j]) / dj
         W1[j:] -= U1[j, j:, None] * err[None, :]
@@ -198,8 +202,7 @@ def _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern) -> torch
     for j1 in range(0, width, step):
         j2 = min(j1 + step, width)
         if choose and pattern.is_nm:
-            saliency = W[:, i1 + j1:i1 + j2].square() / diagonal[j1:j2].square()[None, :]
-            keep[:, i1 + j1:i1 + j2] = drop_lowest(saliency, pattern.n)
+            keep[:, i1 + j1:i1 + j2] = drop_lowest(_saliency(W[:, i1 + j1:i1 + j2], diagonal[j1:j2]), pattern.n)
 
         def columns(part: slice, _scratch) -> int:
             return kernel.sparsegpt_columns(W[part.start, i1:].data_ptr(), d_in, keep[part.start, i1:].data_ptr(),
