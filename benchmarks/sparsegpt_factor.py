@@ -1,6 +1,8 @@
 """Where SparseGPT's per-layer time goes on one layer: the XᵀX statistics, the
 inverse-Hessian factorisation (the reference's Cholesky, Cholesky inverse and upper
-Cholesky, timed apart) and the rest of the solve (column loop, lazy updates), on the
+Cholesky with torch's functions, timed apart; then zpruner's whole factorisation with
+those functions and with the same LAPACK routines called directly, ``zpruner.lapack``,
+whose bits are checked equal) and the whole solve (column loop, lazy updates), on the
 layer_runtime.py data (W ~ N(0, 1/in) with seed 1, 2048 activations with outlier channels,
 seed 0), 50 % adaptive mask; medians of ``--repeats``.
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -23,7 +26,7 @@ def main() -> None:
     parser.add_argument("--shape", type=parse_shape, default="5120x5120", help="OUTxIN")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from zpruner import sparsegpt
+    from zpruner import lapack, sparsegpt
     from zpruner.stats import ActivationStats
 
     d_out, d_in = args.shape
@@ -46,10 +49,21 @@ def main() -> None:
         L = timed("factorisation: Cholesky", lambda: torch.linalg.cholesky(A))
         inverse = timed("factorisation: Cholesky inverse", lambda: torch.cholesky_inverse(L))
         timed("factorisation: upper Cholesky of the inverse", lambda: torch.linalg.cholesky(inverse, upper=True))
+        with mock.patch.object(lapack, "available", lambda A: False):
+            U_torch = timed("inverse_hessian_factor, torch.linalg functions",
+                            lambda: sparsegpt.inverse_hessian_factor(H, 0.01))
+        U_direct = timed("inverse_hessian_factor, LAPACK routines called directly",
+                         lambda: sparsegpt.inverse_hessian_factor(H, 0.01))
+        if not lapack.available(H):
+            raise SystemExit("zpruner.lapack does not apply here (no C compiler, or no spotrf_ in torch's library)")
+        if not torch.equal(U_torch.view(torch.int32), U_direct.view(torch.int32)):
+            raise SystemExit("the direct routines gave other bits than torch's functions")
+        del U_torch, U_direct
         timed("whole solve (factorisation included)", lambda: sparsegpt.sparsegpt(W, H, sparsity=0.5))
     rows = [[name, f"{statistics.median(t[1:]):.3f}"] for name, t in times.items()]
     print(f"{d_out}x{d_in}, {torch.get_num_threads()} torch threads, medians of {args.repeats}\n")
     print(markdown_table(["step", "s"], rows, right={1}))
+    print("\nboth factorisations gave the same bits in every round")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from zpruner import native, rowpass, sparsegpt, updates
+from zpruner import lapack, native, rowpass, sparsegpt, updates
 
-KERNELS = [updates._KERNEL, sparsegpt._KERNEL]
+KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR]
 
 
 @pytest.fixture
@@ -16,8 +16,10 @@ def fresh_loads():
     """load() caches per process: start from nothing, and leave nothing behind for the
     tests after (they load again from the default cache)."""
     native.load.cache_clear()
+    lapack._routines.cache_clear()
     yield
     native.load.cache_clear()
+    lapack._routines.cache_clear()
 
 
 def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch, tmp_path):
@@ -28,7 +30,7 @@ def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch
     for kernel in KERNELS:
         assert native.load(*kernel) is not None, f"{kernel[0]}.c did not build with {native._compiler()}"
     built = sorted((tmp_path / "native").iterdir())
-    assert len(built) == 2 and not any(p.name.startswith(".") for p in built)  # no partial file left
+    assert len(built) == len(KERNELS) and not any(p.name.startswith(".") for p in built)  # no partial file left
     stamps = [p.stat().st_mtime_ns for p in built]
     native.load.cache_clear()
     assert native.load(*KERNELS[0]) is not None
@@ -50,6 +52,7 @@ def test_without_kernels_ec_and_sparsegpt_run_eager_with_no_warning(fresh_loads,
     X = torch.randn(50, 20, generator=g)
     with caplog.at_level(logging.INFO, logger="zpruner"):
         assert updates.ec_kernel(W0, None, keep) is None
+        assert not lapack.available(X.t() @ X)  # SparseGPT's factor through torch.linalg
         ec = updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25))
         solved = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8)
     assert torch.equal(ec, updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=False))
@@ -57,7 +60,7 @@ def test_without_kernels_ec_and_sparsegpt_run_eager_with_no_warning(fresh_loads,
     assert torch.equal(solved[0], eager[0]) and torch.equal(solved[1], eager[1])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     notes = [r.getMessage() for r in caplog.records if "eager torch path" in r.getMessage()]
-    assert len(notes) == 2  # once per kernel, not once per call
+    assert len(notes) == len(KERNELS)  # once per kernel, not once per call
     assert all(("unavailable" if how == "no compiler" else "ZPRUNER_NATIVE=0") in note for note in notes)
     assert not any(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
 

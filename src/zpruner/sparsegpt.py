@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from . import lapack, native
 from .errors import ZprunerError
 from .masks import Pattern, drop_lowest, drop_lowest_set, n_pruned
 from .registry import SOLVERS, UPDATES, constant
@@ -35,27 +35,42 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     Inputs that never fire (H_jj = 0) get H_jj = 1 so H stays invertible; their weights
     cannot change the calibration outputs. If the factorisation fails (H numerically
     singular), λ is raised tenfold with a warning and retried; never silently skipped.
+
+    The reference's three steps (Cholesky, Cholesky inverse, upper Cholesky of the
+    inverse); on the CPU their LAPACK routines are called directly (``zpruner.lapack``):
+    the same bits as torch.linalg's functions, without their triangle copies.
     """
     H = H.float()
     # Working copies are freed as soon as the next one exists: for LLaMA-2-7B's down_proj
     # each is 485 MB, and with H + λI built from an identity matrix the factorisation peaked
-    # at five of them, its input included (three now: benchmarks/factor_memory.py), and a 7B
-    # SparseGPT run under --offload disk at 4.37 GiB.
+    # at five of them, its input included (three with torch's functions, two with the
+    # routines called directly: benchmarks/factor_memory.py), and a 7B SparseGPT run under
+    # --offload disk at 4.37 GiB.
+    direct = lapack.available(H)
     for attempt in range(MAX_DAMP_RAISES + 1):
         factor = damp * 10**attempt
-        A = H + 0.0  # a copy that, like H + λI, stores no -0.0 off the diagonal
+        # A copy that, like H + λI, stores no -0.0 off the diagonal; for the direct routines
+        # transposed, i.e. in LAPACK's column-major order (same diagonal, same mean).
+        A = H.t().clone(memory_format=torch.contiguous_format).add_(0.0) if direct else H + 0.0
         diagonal = A.diagonal()
         diagonal[diagonal == 0] = 1.0
         diagonal += factor * diagonal.mean()  # the mean of the strided view: its own rounding
-        L, info = torch.linalg.cholesky_ex(A)
-        del A, diagonal  # the view would keep the copy alive
-        if info == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0:
+        del diagonal  # the view would keep the copy alive
+        if direct:
+            U = lapack.inverse_cholesky_upper_(A)
+            del A
+            if U is not None:
                 return U
+        else:
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
+            if info == 0:
+                inverse = torch.cholesky_inverse(L)
+                del L
+                U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
+                if info == 0:
+                    return U
         if attempt < MAX_DAMP_RAISES:
             log.warning("SparseGPT: Hessian not positive definite with damping %g; retrying with %g",
                         factor, factor * 10)
