@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-from zpruner import lapack, native, rowpass, sparsegpt, updates
+from zpruner import lapack, native, rowpass, scores, sparsegpt, updates
+from zpruner.stats import ActivationStats
 
-KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR]
+KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL]
 
 
 @pytest.fixture
@@ -38,8 +39,7 @@ def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch
 
 
 @pytest.mark.parametrize("how", ["no compiler", "ZPRUNER_NATIVE=0"])
-def test_without_kernels_ec_and_sparsegpt_run_eager_with_no_warning(fresh_loads, monkeypatch, tmp_path, caplog,
-                                                                    how):
+def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, monkeypatch, tmp_path, caplog, how):
     monkeypatch.setenv("ZPRUNER_CACHE", str(tmp_path))
     if how == "no compiler":
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -55,6 +55,10 @@ def test_without_kernels_ec_and_sparsegpt_run_eager_with_no_warning(fresh_loads,
         assert not lapack.available(X.t() @ X)  # SparseGPT's factor through torch.linalg
         ec = updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25))
         solved = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8)
+        stats = ActivationStats(20)
+        stats.add(X)
+        assert scores._score_kernel(W0, W0, torch.ones(30, 1), torch.ones(1, 20)) is None
+        assert torch.isfinite(scores.zpruner(W0, stats)).all()
     assert torch.equal(ec, updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=False))
     eager = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8, fused=False)
     assert torch.equal(solved[0], eager[0]) and torch.equal(solved[1], eager[1])
@@ -88,3 +92,24 @@ def test_large_layers_use_the_kernel_and_one_chunk_layers_keep_the_textbook_path
     assert updates.ec_kernel(W0, None, keep, fused=False) is None
     assert updates.ec_kernel(W0.t(), None, keep) is None  # not row-major: eager
     assert updates.ec_kernel(W0.double(), None, keep) is None
+
+
+def test_zpruner_takes_its_kernel_above_a_chunk_with_the_eager_bits(monkeypatch):
+    """The compiled score pass has no sum: the same bits as the eager one, which SmolLM2's
+    layers (one chunk each) keep running."""
+    if native.load(*scores._KERNEL) is None:
+        pytest.skip("the native Z-Pruner kernel could not be built here")
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 30, generator=g)
+    W[3] = 0.0
+    W[:, 4] = 0.0
+    stats = ActivationStats(30)
+    stats.add(torch.randn(64, 30, generator=g) * torch.exp(torch.randn(30, generator=g)))
+    operands = (W, torch.empty_like(W), torch.ones(40, 1), torch.ones(1, 30))
+    assert scores._score_kernel(*operands) is None
+    eager = scores.zpruner(W, stats)
+    monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 100)
+    assert scores._score_kernel(*operands) is not None
+    assert scores._score_kernel(W.double(), *operands[1:]) is None
+    assert scores._score_kernel(W.t(), *operands[1:]) is None  # not row-major: eager
+    assert torch.equal(scores.zpruner(W, stats).view(torch.int32), eager.view(torch.int32))

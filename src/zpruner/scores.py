@@ -18,7 +18,7 @@ import torch
 
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
-from . import rowpass
+from . import native, rowpass
 from .rowpass import Scratch, map_chunks, map_threads, sum_parts
 from .stats import ActivationStats
 
@@ -227,8 +227,15 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
     mean_r, std_r = standardisation(S)
     mean_c, std_c = standardisation(torch.div(W, col_norm, out=S))  # S holds W / col_norm from here on
     act = stats.l2.to(W.device).pow(1.5)[None, :]
+    kernel = _score_kernel(W, S, row_norm, act)
+    if kernel is not None:
+        blend = [float(v) for v in (mean_r, std_r, mean_c, std_c, alpha, 1 - alpha)]
 
     def score(rows: slice, scratch: Scratch) -> None:
+        if kernel is not None:
+            kernel.zpruner_score(W[rows].data_ptr(), W.stride(0), S[rows].data_ptr(), S.stride(0),
+                                 row_norm[rows].data_ptr(), act.data_ptr(), *blend, rows.stop - rows.start, W.shape[1])
+            return
         block = W[rows]
         z_r = torch.div(block, row_norm[rows], out=scratch.get(0, block.shape[0])).sub_(mean_r).div_(std_r)
         z_c = S[rows].sub_(mean_c).div_(std_c)
@@ -238,6 +245,23 @@ def zpruner(W: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
 
     map_chunks(score, W)
     return S
+
+
+_KERNEL = ("zpruner_kernel", (
+    ("zpruner_score", (native.POINTER, native.INT64, native.POINTER, native.INT64, native.POINTER, native.POINTER,
+                       *(native.FLOAT,) * 6, native.INT64, native.INT64)),
+))
+
+
+def _score_kernel(W: torch.Tensor, S: torch.Tensor, row_norm: torch.Tensor, act: torch.Tensor):
+    """The compiled score pass (``zpruner_kernel.c``: the eager pass's bits, one read of each
+    weight) for CPU float32 matrices over a chunk, as EC's kernel (``updates.ec_kernel``);
+    None elsewhere (GPU, other dtypes, every SmolLM2 layer) or when it does not build."""
+    operands = (W, S, row_norm, act)
+    applies = (W.numel() > rowpass.CHUNK_ELEMENTS and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                          for t in operands)
+               and W.stride(1) == S.stride(1) == 1 and row_norm.is_contiguous() and act.is_contiguous())
+    return native.load(*_KERNEL) if applies else None
 
 
 _EXACT_COUNT = 1 << 24  # float32 holds every integer below this
