@@ -528,3 +528,23 @@ def test_pool_threads_stay_on_one_torch_thread_when_the_main_thread_changes_its_
         torch.set_num_threads(before)
     assert not torch.equal(torch.stack(one_thread), torch.stack(two_threads))  # the split shows
     assert torch.equal(torch.stack(shares), torch.stack(one_thread))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch passes"])
+@pytest.mark.parametrize("shape", [(45, 61), (1536, 576)])
+def test_zpruner_is_the_reference_with_and_without_its_compiled_passes(monkeypatch, small_chunks, two_thread_reference,
+                                                                       compiled, shape):
+    """Z-Pruner's compiled score pass, small-weight count and fast std sums (any size, on
+    the CPU) against its torch passes (GPU, no compiler): the same bits."""
+    from zpruner import native, scores
+
+    if compiled and native.load(*scores._KERNEL) is None:
+        pytest.skip("the native Z-Pruner kernel could not be built here")
+    if not compiled:
+        monkeypatch.setattr(scores, "_reduction_kernel", lambda X: None)
+        monkeypatch.setattr(scores, "_score_kernel", lambda *operands: None)
+    W, stats, _ = layer(*shape, seed=21, offset=0.01)
+    W[2] = 0.0
+    W[:, 3] = 0.0
+    assert (scores._reduction_kernel(W) is not None) == compiled
+    assert torch.equal(zpruner(W, stats), two_thread_reference(ref_zpruner, W, stats))

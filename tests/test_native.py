@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from zpruner import lapack, native, rowpass, scores, sparsegpt, updates
+from zpruner import lapack, masks, native, rowpass, scores, sparsegpt, updates
 from zpruner.stats import ActivationStats
 
-KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL]
+KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL, masks._KERNEL]
 
 
 @pytest.fixture
@@ -59,6 +59,9 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
         stats.add(X)
         assert scores._score_kernel(W0, W0, torch.ones(30, 1), torch.ones(1, 20)) is None
         assert torch.isfinite(scores.zpruner(W0, stats)).all()
+        flat = torch.randn(100_000, generator=g)
+        assert masks._select_kernel(flat) is None
+        assert int((~masks.drop_lowest(flat[None, :], 500)).sum()) == 500
     assert torch.equal(ec, updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=False))
     eager = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8, fused=False)
     assert torch.equal(solved[0], eager[0]) and torch.equal(solved[1], eager[1])
@@ -113,3 +116,40 @@ def test_zpruner_takes_its_kernel_above_a_chunk_with_the_eager_bits(monkeypatch)
     assert scores._score_kernel(W.double(), *operands[1:]) is None
     assert scores._score_kernel(W.t(), *operands[1:]) is None  # not row-major: eager
     assert torch.equal(scores.zpruner(W, stats).view(torch.int32), eager.view(torch.int32))
+
+
+@pytest.mark.parametrize("scores", ["normal", "coarse (tied)", "NaN and inf"])
+@pytest.mark.parametrize("ties_by_index", [False, True])
+@pytest.mark.parametrize("k", [1, 40_000, 99_999])
+def test_compiled_selection_passes_give_the_torch_passes_mask(monkeypatch, scores, ties_by_index, k):
+    """The threshold selection's count, gather and mask as C loops over ranges (here of
+    777 scores, so that tied scores straddle the ranges' edges): the same keep as the torch
+    passes, or the same refusal (None) when a tie at the cut is left to top-k."""
+    if native.load(*masks._KERNEL) is None:
+        pytest.skip("the native selection kernel could not be built here")
+    monkeypatch.setattr(masks, "_RANGE", 777)
+    g = torch.Generator().manual_seed(k)
+    flat = torch.randn(100_000, generator=g)
+    if scores == "coarse (tied)":
+        flat = (flat * 8).round()
+    elif scores == "NaN and inf":
+        flat[::13] = float("nan")
+        flat[5::17] = float("inf")
+        flat[7::19] = -float("inf")
+    assert masks._select_kernel(flat) is not None
+    compiled = masks._drop_lowest_flat(flat, k, ties_by_index)
+    monkeypatch.setattr(masks, "_select_kernel", lambda flat: None)
+    expected = masks._drop_lowest_flat(flat, k, ties_by_index)
+    assert (compiled is None) == (expected is None)
+    if expected is not None:
+        assert torch.equal(compiled, expected) and int((~compiled).sum()) == k
+    if scores == "coarse (tied)" and ties_by_index:
+        assert compiled is not None  # the tie at the cut was broken by index order, not refused
+
+
+def test_selection_kernel_only_for_contiguous_float32_cpu_scores():
+    if native.load(*masks._KERNEL) is None:
+        pytest.skip("the native selection kernel could not be built here")
+    assert masks._select_kernel(torch.zeros(10)) is not None
+    assert masks._select_kernel(torch.zeros(10, dtype=torch.float64)) is None
+    assert masks._select_kernel(torch.zeros(10, 2)[:, 0]) is None

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .checks import is_number
 from .errors import ZprunerError
-from .rowpass import map_chunks
+from .rowpass import map_chunks, map_threads
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ def _drop_lowest_flat(flat: torch.Tensor, k: int, ties_by_index: bool = False) -
     hi_rank = min(m, math.ceil(centre + spread))
     lo = sample.kthvalue(lo_rank).values if centre - spread > 1 else flat.new_tensor(-math.inf)
     hi = sample.kthvalue(hi_rank).values if centre + spread < m else flat.new_tensor(math.inf)
+    kernel = _select_kernel(flat)
+    if kernel is not None:
+        return _select_compiled(kernel, flat, k, float(lo), float(hi), ties_by_index)
     # NaN compares false everywhere: it is neither below nor inside the bracket, and
     # "not <= t" keeps it, as top-k (which ranks NaN highest) does
     below = int(torch.count_nonzero(flat < lo))
@@ -153,6 +157,56 @@ def _drop_lowest_flat(flat: torch.Tensor, k: int, ties_by_index: bool = False) -
     keep = (flat <= t).logical_not_()
     if cut_is_tied:
         keep[torch.nonzero(flat == t).reshape(-1)[tied_to_drop:]] = True
+    return keep
+
+
+_KERNEL = ("select_kernel", (
+    ("select_count", (native.POINTER, native.INT64, native.FLOAT, native.FLOAT, native.POINTER)),
+    ("select_gather", (native.POINTER, native.INT64, native.FLOAT, native.FLOAT, native.POINTER)),
+    ("select_keep", (native.POINTER, native.INT64, native.FLOAT, native.INT64, native.POINTER)),
+))
+_RANGE = 1 << 20  # scores per piece of work on a thread
+
+
+def _select_kernel(flat: torch.Tensor):
+    """The compiled passes (``select_kernel.c``) for contiguous float32 CPU scores, else None."""
+    applies = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
+    return native.load(*_KERNEL) if applies else None
+
+
+def _select_compiled(kernel, flat: torch.Tensor, k: int, lo: float, hi: float, ties_by_index: bool):
+    """The passes of ``_drop_lowest_flat`` after its bracket [lo, hi], one loop each over
+    ranges of the scores on the worker threads: the same comparisons, so the same mask,
+    without the bool temporaries of the torch passes (measured in benchmarks/README.md)."""
+    n = flat.numel()
+    ranges = [(a, min(a + _RANGE, n)) for a in range(0, n, _RANGE)]
+    pointer = flat.data_ptr()
+    size = flat.element_size()
+    counts = torch.zeros(len(ranges), 2, dtype=torch.int64)
+    map_threads(lambda i: kernel.select_count(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], lo, hi,
+                                              counts[i].data_ptr()), list(range(len(ranges))))
+    below = int(counts[:, 0].sum())
+    ends = counts[:, 1].cumsum(0).tolist()  # where each range's candidates end
+    rank = k - below  # rank of t among the candidates, 1-based
+    if not 0 < rank <= ends[-1]:
+        return None
+    candidates = torch.empty(ends[-1], dtype=flat.dtype)
+    starts = [0, *ends[:-1]]
+    map_threads(lambda i: kernel.select_gather(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], lo, hi,
+                                               candidates[starts[i]:].data_ptr()), list(range(len(ranges))))
+    t = candidates.kthvalue(rank).values
+    tied = candidates == t
+    tied_to_drop = rank - int(torch.count_nonzero(candidates < t))
+    if tied_to_drop < int(torch.count_nonzero(tied)) and not ties_by_index:
+        return None  # as in _drop_lowest_flat: top-k decides a tie at the cut
+    ties_before = torch.cat([tied.new_zeros(1, dtype=torch.int64), tied.cumsum(0)])[[*starts, ends[-1]]].tolist()
+    # each range drops its ties while the layer's count lasts; -1: all of them
+    drops = [-1 if tied_to_drop >= ties_before[i + 1] else max(0, tied_to_drop - ties_before[i])
+             for i in range(len(ranges))]
+    keep = torch.empty(n, dtype=torch.bool)
+    threshold = float(t)
+    map_threads(lambda i: kernel.select_keep(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], threshold,
+                                             drops[i], keep[ranges[i][0]:].data_ptr()), list(range(len(ranges))))
     return keep
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-shared", "-fPIC"]
 TUNING = ["-march=native"]  # dropped if the compiler does not know it
 
-POINTER, INT, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+POINTER, INT, INT64, FLOAT, DOUBLE = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 
 
 def enabled() -> bool:
