@@ -389,6 +389,9 @@ _TIE_MARGIN = 1e-10
 # matrix of at most a chunk is one step: in 64-row steps a SmolLM2 MLP projection took
 # 3.4 ms against 0.6 ms, the worker threads' hand-offs (benchmarks/column_reductions.py).
 _MOMENT_ROWS = 64
+_COLUMNS_KERNEL = ("columns_kernel", (
+    ("column_moments", (native.POINTER, native.INT64, native.INT64, native.INT64, native.POINTER, native.POINTER)),
+))
 
 
 def column_variance(W: torch.Tensor) -> torch.Tensor:
@@ -411,15 +414,23 @@ def column_variance(W: torch.Tensor) -> torch.Tensor:
     if W.device.type != "cpu" or W.dtype != torch.float32 or W.shape[1] < 2:
         return W.var(dim=0, unbiased=False)
     n = W.shape[0]
+    kernel = native.load(*_COLUMNS_KERNEL) if W.stride(1) == 1 else None
 
     def moments(rows: slice, _scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-        # Σ and Σ² down the columns as products with a vector of ones (BLAS's order: the
-        # bound above holds for any order of summation; why, at _MOMENT_ROWS)
+        # Σ and Σ² down the columns (the bound above holds for any order of summation):
+        # compiled, one read of the rows; or as products with a vector of ones (why in
+        # steps of _MOMENT_ROWS: there)
+        if kernel is not None:
+            sums = torch.zeros(2, W.shape[1], dtype=torch.float64)
+            kernel.column_moments(W[rows.start].data_ptr(), W.stride(0), rows.stop - rows.start, W.shape[1],
+                                  sums[0].data_ptr(), sums[1].data_ptr())
+            return sums[0], sums[1]
         block = W[rows].double()
         ones = block.new_ones(block.shape[0])
         return ones @ block, ones @ block.square_()
 
-    parts = map_chunks(moments, W, 0, rows=_MOMENT_ROWS if W.numel() > rowpass.CHUNK_ELEMENTS else None)
+    step = _MOMENT_ROWS if kernel is None and W.numel() > rowpass.CHUNK_ELEMENTS else None
+    parts = map_chunks(moments, W, 0, rows=step)
     total = sum(part[0] for part in parts)
     squares = sum(part[1] for part in parts)
     energy = squares - total * total / n
