@@ -222,8 +222,9 @@ def disk_peak_bytes(model: nn.Module, dtype: torch.dtype, tokens: int, hessian: 
     - one decoder block in the compute dtype, plus its stored bfloat16 copy while it is
       read, plus its layers' input statistics: Σx and Σx² per layer; for a Hessian method
       XᵀX per layer, or, while the largest layer is solved, its XᵀX and the factorisation's
-      working copies, 3 such matrices in all (``inverse_hessian_factor`` peaked at 3.02
-      times its input at d_in 11008: benchmarks/factor_memory.py);
+      working copies, 3 such matrices in all (``inverse_hessian_factor`` peaked at 3.07
+      times its input at d_in 11008 with torch.linalg's functions, 2.07 with the LAPACK
+      routines it calls directly on the CPU: benchmarks/factor_memory.py);
     - the modules outside the blocks (embeddings and LM head, resident while the first
       block's inputs are captured and while logits are computed);
 
