@@ -1,6 +1,6 @@
 """Column reductions of a weight matrix, torch's kernel against zpruner's same-bits fast
-paths: ``W.norm(dim=0)`` against ``scores.column_norm`` (Z-Pruner) and
-``W.var(dim=0, unbiased=False)`` against ``scores.column_variance`` (CVR), float32 on the
+paths: ``W.norm(dim=0)`` against ``columns.column_norm`` (Z-Pruner) and
+``W.var(dim=0, unbiased=False)`` against ``columns.column_variance`` (CVR), float32 on the
 CPU, on the shapes of a LLaMA-2-13B block and a SmolLM2 MLP. Each time is the median of
 ``--repeats`` runs; every result is checked to be torch's bits.
 
@@ -31,7 +31,7 @@ def median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    from zpruner.scores import column_norm, column_variance
+    from zpruner.columns import column_norm, column_variance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated OUTxIN")

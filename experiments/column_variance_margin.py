@@ -1,8 +1,8 @@
 """How close to a float32 rounding boundary must CVR's column variance be before its
-float64 moments may round otherwise than torch's Welford kernel? (scores._TIE_MARGIN)
+float64 moments may round otherwise than torch's Welford kernel? (columns._TIE_MARGIN)
 
 For LLaMA- and SmolLM2-shaped random layers (W ~ N(0, 1/in), some with a column mean
-added), each column's variance from float64 Σx and Σx² (as ``scores.column_variance``
+added), each column's variance from float64 Σx and Σx² (as ``columns.column_variance``
 sums them) is compared with ``W.var(dim=0, unbiased=False)``. Per margin m: how many
 columns m would send to torch (a boundary within m of the value), and how many of the
 others round to another float32 than torch's (a margin too small). Output of

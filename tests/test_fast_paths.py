@@ -6,7 +6,8 @@ import torch
 from zpruner import rowpass
 from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
-from zpruner.scores import column_norm, column_variance, cvr, ria, wanda, zpruner
+from zpruner.columns import column_norm, column_variance
+from zpruner.scores import cvr, ria, wanda, zpruner
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
 from zpruner.updates import ec_kernel, energy_compensate, energy_compensate_
@@ -220,7 +221,7 @@ def test_column_norm_is_torchs_bit_for_bit(shape, layout):
 def test_column_norm_probe_rejects_a_fused_multiply_add(monkeypatch):
     """A build of torch whose column sum fuses x·x + acc must get torch's own kernel: the
     probe tells the two sums apart."""
-    from zpruner import scores
+    from zpruner import columns
 
     def fused(W):
         total = torch.zeros(W.shape[1], dtype=torch.float64)
@@ -228,9 +229,9 @@ def test_column_norm_probe_rejects_a_fused_multiply_add(monkeypatch):
             total = (total + row * row).float().double()  # one rounding per step, as an FMA
         return total.sqrt().float()
 
-    assert scores._sequential_column_sum_is_torchs.__wrapped__()
-    monkeypatch.setattr(scores, "_sequential_column_norm", fused)
-    assert not scores._sequential_column_sum_is_torchs.__wrapped__()
+    assert columns._sequential_column_sum_is_torchs.__wrapped__()
+    monkeypatch.setattr(columns, "_sequential_column_norm", fused)
+    assert not columns._sequential_column_sum_is_torchs.__wrapped__()
 
 
 @pytest.mark.parametrize("case", ["float64", "one column", "one tiny row"])

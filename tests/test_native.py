@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from zpruner import lapack, masks, native, rowpass, scores, sparsegpt, updates
+from zpruner import columns, lapack, masks, native, rowpass, scores, sparsegpt, updates
 from zpruner.stats import ActivationStats
 
 KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL, masks._KERNEL,
-           scores._COLUMNS_KERNEL]
+           columns._KERNEL]
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
         flat = torch.randn(100_000, generator=g)
         assert masks._select_kernel(flat) is None
         assert int((~masks.drop_lowest(flat[None, :], 500)).sum()) == 500
-        assert torch.equal(scores.column_variance(W0), W0.var(dim=0, unbiased=False))
+        assert torch.equal(columns.column_variance(W0), W0.var(dim=0, unbiased=False))
     assert torch.equal(ec, updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25), fused=False))
     eager = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8, fused=False)
     assert torch.equal(solved[0], eager[0]) and torch.equal(solved[1], eager[1])
