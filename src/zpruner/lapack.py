@@ -5,7 +5,7 @@ Why: ``torch.linalg.cholesky_ex`` and ``torch.cholesky_inverse`` wrap LAPACK's `
 and ``spotri`` in layout changes (row-major tensors, column-major LAPACK), and on the CPU
 each factorisation first copies a triangle of its input with a strided loop
 (``tril_out``/``triu_out`` into a column-major output). For SparseGPT's H⁻¹ factor at
-5120 inputs those copies took as long as the factorisations (benchmarks/factor_direct.py).
+5120 inputs those copies took as long as the factorisations (benchmarks/sparsegpt_factor.py).
 Here the same two routines of the same library (``spotrf_``/``spotri_`` looked up in
 torch's own CPU library, hence torch's MKL or OpenBLAS and its thread setting) run on the
 same values in the same layout: torch's bits, with one n x n buffer instead of three.

@@ -180,11 +180,15 @@ def _select_compiled(kernel, flat: torch.Tensor, k: int, lo: float, hi: float, t
     without the bool temporaries of the torch passes (measured in benchmarks/README.md)."""
     n = flat.numel()
     ranges = [(a, min(a + _RANGE, n)) for a in range(0, n, _RANGE)]
-    pointer = flat.data_ptr()
-    size = flat.element_size()
+    pointer, size = flat.data_ptr(), flat.element_size()
+
+    def each_range(call) -> None:
+        """call(i, address of range i's first score, its length) for every range, on the workers."""
+        map_threads(lambda i: call(i, pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0]),
+                    list(range(len(ranges))))
+
     counts = torch.zeros(len(ranges), 2, dtype=torch.int64)
-    map_threads(lambda i: kernel.select_count(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], lo, hi,
-                                              counts[i].data_ptr()), list(range(len(ranges))))
+    each_range(lambda i, x, length: kernel.select_count(x, length, lo, hi, counts[i].data_ptr()))
     below = int(counts[:, 0].sum())
     ends = counts[:, 1].cumsum(0).tolist()  # where each range's candidates end
     rank = k - below  # rank of t among the candidates, 1-based
@@ -192,8 +196,7 @@ def _select_compiled(kernel, flat: torch.Tensor, k: int, lo: float, hi: float, t
         return None
     candidates = torch.empty(ends[-1], dtype=flat.dtype)
     starts = [0, *ends[:-1]]
-    map_threads(lambda i: kernel.select_gather(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], lo, hi,
-                                               candidates[starts[i]:].data_ptr()), list(range(len(ranges))))
+    each_range(lambda i, x, length: kernel.select_gather(x, length, lo, hi, candidates[starts[i]:].data_ptr()))
     t = candidates.kthvalue(rank).values
     tied = candidates == t
     tied_to_drop = rank - int(torch.count_nonzero(candidates < t))
@@ -205,8 +208,7 @@ def _select_compiled(kernel, flat: torch.Tensor, k: int, lo: float, hi: float, t
              for i in range(len(ranges))]
     keep = torch.empty(n, dtype=torch.bool)
     threshold = float(t)
-    map_threads(lambda i: kernel.select_keep(pointer + ranges[i][0] * size, ranges[i][1] - ranges[i][0], threshold,
-                                             drops[i], keep[ranges[i][0]:].data_ptr()), list(range(len(ranges))))
+    each_range(lambda i, x, length: kernel.select_keep(x, length, threshold, drops[i], keep[ranges[i][0]:].data_ptr()))
     return keep
 
 
