@@ -155,3 +155,15 @@ def test_selection_kernel_only_for_contiguous_float32_cpu_scores():
     assert masks._select_kernel(torch.zeros(10)) is not None
     assert masks._select_kernel(torch.zeros(10, dtype=torch.float64)) is None
     assert masks._select_kernel(torch.zeros(10, 2)[:, 0]) is None
+
+
+def test_kernels_take_only_tensors_laid_out_as_their_pointer_arithmetic_assumes():
+    W = torch.zeros(6, 8)
+    assert native.fits(W) and native.fits(W, W[2:4]) and native.fits(W[1], layout="rows")
+    assert not native.fits(W[:, :4]) and native.fits(W[:, :4], layout="rows")  # rows 8 apart
+    assert not native.fits(W.t(), layout="rows") and native.fits(W.t(), layout="any")
+    assert not native.fits(W, W.double()) and native.fits(W.double(), dtype=torch.float64)
+    assert not native.fits(W.bool()) and native.fits(W.bool(), dtype=torch.bool)
+    assert not native.fits(torch.zeros(6, 8, device="meta"), layout="any")
+    with pytest.raises(ValueError, match="layout 'strided'"):
+        native.fits(W, layout="strided")

@@ -97,7 +97,7 @@ def column_variance(W: torch.Tensor) -> torch.Tensor:
     if W.device.type != "cpu" or W.dtype != torch.float32 or W.shape[1] < 2:
         return W.var(dim=0, unbiased=False)
     n = W.shape[0]
-    kernel = native.load(*_KERNEL) if W.stride(1) == 1 else None
+    kernel = native.load(*_KERNEL) if native.fits(W, layout="rows") else None
 
     def moments(rows: slice, _scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
         # Σ and Σ² down the columns (the bound above holds for any order of summation):

@@ -170,8 +170,7 @@ _RANGE = 1 << 20  # scores per piece of work on a thread
 
 def _select_kernel(flat: torch.Tensor):
     """The compiled passes (``select_kernel.c``) for contiguous float32 CPU scores, else None."""
-    applies = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
-    return native.load(*_KERNEL) if applies else None
+    return native.load(*_KERNEL) if native.fits(flat) else None
 
 
 def _select_compiled(kernel, flat: torch.Tensor, k: int, lo: float, hi: float, ties_by_index: bool):

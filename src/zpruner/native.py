@@ -28,6 +28,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # -ffp-contract=off: no fused multiply-add, so a*b+c rounds twice as torch's two ops do.
@@ -40,6 +42,19 @@ POINTER, INT, INT64, FLOAT, DOUBLE = ctypes.c_void_p, ctypes.c_int, ctypes.c_int
 
 def enabled() -> bool:
     return os.environ.get("ZPRUNER_NATIVE", "1") != "0"
+
+
+def fits(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32, layout: str = "contiguous") -> bool:
+    """Whether every tensor is what a kernel's pointer arithmetic assumes: on the CPU, of
+    ``dtype``, and laid out as ``layout`` says ("contiguous"; "rows": each row contiguous,
+    rows any distance apart; "any")."""
+    if layout not in ("contiguous", "rows", "any"):
+        raise ValueError(f"layout {layout!r}: use 'contiguous', 'rows' or 'any'")
+
+    def laid_out(t: torch.Tensor) -> bool:
+        return layout == "any" or (t.is_contiguous() if layout == "contiguous" else t.stride(-1) == 1)
+
+    return all(t.device.type == "cpu" and t.dtype == dtype and laid_out(t) for t in tensors)
 
 
 @functools.cache

@@ -264,18 +264,15 @@ _KERNEL = ("zpruner_kernel", (
 def _reduction_kernel(X: torch.Tensor):
     """The compiled reductions of ``zpruner_kernel.c`` for a contiguous float32 CPU matrix
     (any size: their results are exact, or decided by a bound that holds in any order)."""
-    applies = X.device.type == "cpu" and X.dtype == torch.float32 and X.is_contiguous()
-    return native.load(*_KERNEL) if applies else None
+    return native.load(*_KERNEL) if native.fits(X) else None
 
 
 def _score_kernel(W: torch.Tensor, S: torch.Tensor, row_norm: torch.Tensor, act: torch.Tensor):
     """The compiled score pass (``zpruner_kernel.c``: the eager pass's bits, one read of each
     weight) for CPU float32 matrices over a chunk, as EC's kernel (``updates.ec_kernel``);
     None elsewhere (GPU, other dtypes, every SmolLM2 layer) or when it does not build."""
-    operands = (W, S, row_norm, act)
-    applies = (W.numel() > rowpass.CHUNK_ELEMENTS and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                          for t in operands)
-               and W.stride(1) == S.stride(1) == 1 and row_norm.is_contiguous() and act.is_contiguous())
+    applies = (W.numel() > rowpass.CHUNK_ELEMENTS and native.fits(W, S, layout="rows")
+               and native.fits(row_norm, act))
     return native.load(*_KERNEL) if applies else None
 
 

@@ -166,9 +166,8 @@ def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | 
     groups are chosen inside the loop (a kernel call per group, each copying the block's
     tiles in and out, lost to the torch loop: benchmarks/native_kernels.py); True: always;
     False: never."""
-    applies = (fused is not False and W.device.type == U.device.type == keep.device.type == "cpu"
-               and W.dtype == U.dtype == torch.float32 and keep.dtype == torch.bool and keep.shape == W.shape
-               and W.is_contiguous() and keep.is_contiguous() and (fused or not groups_chosen))
+    applies = (fused is not False and native.fits(W) and native.fits(U, layout="any")
+               and native.fits(keep, dtype=torch.bool) and keep.shape == W.shape and (fused or not groups_chosen))
     return native.load(*_KERNEL) if applies else None
 
 

@@ -85,10 +85,8 @@ def ec_kernel(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, fuse
     else None. fused None: only for a matrix larger than a chunk, whose column sums are
     reassociated anyway (a one-chunk matrix, every SmolLM2 layer, keeps the textbook bits);
     True: whatever the size (tests); False: never."""
-    applies = (fused is not False and W0.device.type == keep.device.type == "cpu" and W0.dtype == torch.float32
-               and W0.is_contiguous() and keep.dtype == torch.bool and keep.shape == W0.shape and keep.is_contiguous()
-               and (W is None or (W.device.type == "cpu" and W.dtype == torch.float32 and W.shape == W0.shape
-                                  and W.is_contiguous()))
+    applies = (fused is not False and native.fits(W0) and native.fits(keep, dtype=torch.bool)
+               and keep.shape == W0.shape and (W is None or (native.fits(W) and W.shape == W0.shape))
                and (fused or W0.numel() > rowpass.CHUNK_ELEMENTS))
     return native.load(*_KERNEL) if applies else None
 
