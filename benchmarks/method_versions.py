@@ -8,7 +8,8 @@ layer_runtime.py data: W ~ N(0, 1/in), statistics of 2048 activations with outli
 channels, seed 0. Rounds alternate the trees, and each round runs every method, so load
 coming and going on the machine falls on both versions and on Wanda alike. Each child
 also records the CPU it ran on and torch's kernel level there (AVX2, AVX512): the bits
-depend on them.
+depend on them. A run whose bits differ from the first run's is listed after the table,
+with whether its inputs (W and the activations) or its activation sums already differed.
 
     git archive 42a69a3 src | tar -x -C /tmp/before
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/method_versions.py --before /tmp/before/src \
@@ -33,20 +34,25 @@ from _common import prune_config
 from zpruner.pruning import pruned_weights
 from zpruner.stats import ActivationStats
 d_out, d_in, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def digest(*tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 g = torch.Generator().manual_seed(0)
 W = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
 x = torch.randn(2048, d_in, generator=g) * torch.exp(torch.randn(d_in, generator=g))
 config = prune_config(method, sparsity=0.5)
 stats = ActivationStats(d_in, hessian=config.uses_hessian)
 stats.add(x)
+inputs, sums = digest(W, x), digest(stats.sum, stats.sumsq)
 del x
 pruned_weights(W, stats, config)  # warm-up: first-use costs (thread pools, allocator) out of the timing
 start = time.perf_counter()
 W_new, keep = pruned_weights(W, stats, config)
 seconds = time.perf_counter() - start
-digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
-print(json.dumps({"seconds": seconds, "weights": digest(W_new), "mask": digest(keep),
+print(json.dumps({"seconds": seconds, "weights": digest(W_new), "mask": digest(keep), "inputs": inputs, "sums": sums,
                   "cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
 """
 
@@ -54,6 +60,21 @@ print(json.dumps({"seconds": seconds, "weights": digest(W_new), "mask": digest(k
 def measure(src: Path, shape: str, method: str) -> dict:
     d_out, d_in = shape.lower().split("x")
     return run_in_tree(src, CHILD, d_out, d_in, method, str(HERE))
+
+
+def odd_runs(shape: str, method: str, runs: dict) -> str:
+    """Which runs gave bits other than the first run's, and whether their inputs (W and
+    the activations) and activation sums were already other: where a difference entered."""
+    first = runs["before", method][0]
+    parts = []
+    for version in ("before", "after"):
+        for round_, run in enumerate(runs[version, method], 1):
+            if (run["weights"], run["mask"]) != (first["weights"], first["mask"]):
+                entered = ("in the inputs" if run.get("inputs") != first.get("inputs") else
+                           "in the activation sums" if run.get("sums") != first.get("sums") else
+                           "after the activation sums (same inputs and sums)")
+                parts.append(f"{version} round {round_} (mask {run['mask']}, differs {entered})")
+    return f"{shape} {method}: other bits than the first run in " + "; ".join(parts)
 
 
 def main() -> None:
@@ -67,7 +88,7 @@ def main() -> None:
     methods = parse_methods(args.methods)
     methods = methods if "wanda" in methods else ["wanda", *methods]
 
-    record, rows = [], []
+    record, rows, odd = [], [], []
     for shape in args.shapes.split(","):
         runs = {(version, method): [] for version in ("before", "after") for method in methods}
         for round_ in range(args.repeats):
@@ -81,6 +102,8 @@ def main() -> None:
             before, after = median["before", method], median["after", method]
             results = runs["before", method] + runs["after", method]
             same = all((r["weights"], r["mask"]) == (results[0]["weights"], results[0]["mask"]) for r in results)
+            if not same:
+                odd.append(odd_runs(shape, method, runs))
             ratios = [median[version, method] / median[version, "wanda"] for version in ("before", "after")]
             rows.append([shape, method, f"{before:.3f}", f"{after:.3f}", f"{before / after:.2f}x",
                          f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "yes" if same else "**no**"])
@@ -91,6 +114,8 @@ def main() -> None:
     print()
     print(markdown_table(["W [out, in]", "method", "before s", "after s", "speed-up", "before × wanda",
                           "after × wanda", "same W' and mask bits"], rows, right={2, 3, 4, 5, 6}))
+    for line in odd:
+        print(line)
     if args.json:
         write_json(args.json, {"benchmark": "method_versions", "before": str(args.before), "after": str(args.after),
                                "repeats": args.repeats, "environment": environment(), "results": record})

@@ -1,0 +1,82 @@
+"""Does one Wanda prune of a fixed LLaMA-shaped layer give the same bits in every fresh
+process? And if not, at which step do two processes part?
+
+benchmarks/method_versions.py saw 3 of 12 Wanda child runs (stop 27) and 4 of 96 (stop 22)
+with another mask hash than the rest, the same other hash for both code versions. This
+runs the same child (same W, same activations, seed 0) ``--runs`` times, each a fresh
+Python, and hashes every step on the way: W, the activations, the statistics' Σx², the
+score, and the mask and W' of three pruned_weights calls in the process. A step whose
+hash differs between processes while the steps before it agree is where the difference
+enters. Output: the distinct hash tuples with their counts, and the log of every run.
+
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 200 \
+        --log experiments/wanda_repeatability.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import hashlib, json, math, sys, torch
+sys.path.insert(0, sys.argv[4])
+from _common import prune_config
+from zpruner import scores
+from zpruner.pruning import pruned_weights
+from zpruner.stats import ActivationStats
+d_out, d_in, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:12]
+g = torch.Generator().manual_seed(0)
+W = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
+x = torch.randn(2048, d_in, generator=g) * torch.exp(torch.randn(d_in, generator=g))
+config = prune_config(method, sparsity=0.5)
+stats = ActivationStats(d_in, hessian=config.uses_hessian)
+stats.add(x)
+steps = {"W": digest(W), "x": digest(x), "sumsq": digest(stats.sumsq), "score": digest(scores.wanda(W, stats))}
+del x
+for call in range(3):
+    W_new, keep = pruned_weights(W, stats, config)
+    steps[f"mask{call}"], steps[f"W'{call}"] = digest(keep), digest(W_new)
+print(json.dumps(steps))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--shape", default="5120x5120", help="OUTxIN")
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--src", type=Path, default=PROJECT / "src", help="zpruner source tree to run")
+    parser.add_argument("--log", type=Path, help="append every run's hashes here (JSON lines)")
+    args = parser.parse_args()
+    d_out, d_in = args.shape.lower().split("x")
+    env = {**os.environ, "PYTHONPATH": str(args.src)}
+    seen = collections.Counter()
+    for run in range(args.runs):
+        out = subprocess.run([sys.executable, "-c", CHILD, d_out, d_in, args.method, str(PROJECT / "benchmarks")],
+                             env=env, capture_output=True, text=True, check=True).stdout
+        steps = json.loads(out.splitlines()[-1])
+        seen[json.dumps(steps, sort_keys=False)] += 1
+        if args.log:
+            with args.log.open("a") as log:
+                log.write(json.dumps({"run": run, "shape": args.shape, "method": args.method, **steps}) + "\n")
+        print(f"run {run + 1}/{args.runs}: {len(seen)} distinct", flush=True)
+    print(f"\n{args.method} {args.shape}, {args.runs} fresh processes, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}:")
+    tuples = [(json.loads(key), count) for key, count in seen.most_common()]
+    common = tuples[0][0]
+    for steps, count in tuples:
+        first = next((step for step in steps if steps[step] != common[step]), None)
+        print(f"  {count:4d} x {' '.join(f'{k}={v}' for k, v in steps.items())}"
+              + (f"  <- first differs at {first}" if first else ""))
+
+
+if __name__ == "__main__":
+    main()
