@@ -8,8 +8,9 @@ layer_runtime.py data: W ~ N(0, 1/in), statistics of 2048 activations with outli
 channels, seed 0. Rounds alternate the trees, and each round runs every method, so load
 coming and going on the machine falls on both versions and on Wanda alike. Each child
 also records the CPU it ran on and torch's kernel level there (AVX2, AVX512): the bits
-depend on them. A run whose bits differ from the first run's is listed after the table,
-with whether its inputs (W and the activations) or its activation sums already differed.
+depend on them. "Same bits" compares the runs whose inputs (hashes of W and the activations) are the
+usual ones; runs given other inputs are left out of it and listed after the table, as is
+any run whose bits differ, with where the difference entered.
 
     git archive 42a69a3 src | tar -x -C /tmp/before
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/method_versions.py --before /tmp/before/src \
@@ -18,6 +19,7 @@ with whether its inputs (W and the activations) or its activation sums already d
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 from pathlib import Path
 
@@ -62,19 +64,22 @@ def measure(src: Path, shape: str, method: str) -> dict:
     return run_in_tree(src, CHILD, d_out, d_in, method, str(HERE))
 
 
-def odd_runs(shape: str, method: str, runs: dict) -> str:
-    """Which runs gave bits other than the first run's, and whether their inputs (W and
-    the activations) and activation sums were already other: where a difference entered."""
-    first = runs["before", method][0]
-    parts = []
-    for version in ("before", "after"):
-        for round_, run in enumerate(runs[version, method], 1):
-            if (run["weights"], run["mask"]) != (first["weights"], first["mask"]):
-                entered = ("in the inputs" if run.get("inputs") != first.get("inputs") else
-                           "in the activation sums" if run.get("sums") != first.get("sums") else
-                           "after the activation sums (same inputs and sums)")
-                parts.append(f"{version} round {round_} (mask {run['mask']}, differs {entered})")
-    return f"{shape} {method}: other bits than the first run in " + "; ".join(parts)
+def compare_bits(runs: list[dict]) -> tuple[bool, list[str]]:
+    """(whether every run given the usual inputs gave the same W' and mask, a note for each
+    run that did not). The usual inputs are the most frequent hash of W and the activations:
+    on the Intel machine of 2026-12-06, torch's seeded randn/exp in the child now and then
+    gave other inputs (2 of 48 children), a difference zpruner's code never saw."""
+    usual = collections.Counter(r.get("inputs") for r in runs).most_common(1)[0][0]
+    reference = next(r for r in runs if r.get("inputs") == usual)
+    same, notes = True, []
+    for run in runs:
+        if run.get("inputs") != usual:
+            notes.append(f"{run['label']}: other inputs (W, activations), left out")
+        elif (run["weights"], run["mask"]) != (reference["weights"], reference["mask"]):
+            same = False
+            where = "the activation sums" if run.get("sums") != reference.get("sums") else "the pruning itself"
+            notes.append(f"{run['label']}: same inputs, other bits (mask {run['mask']}), from {where}")
+    return same, notes
 
 
 def main() -> None:
@@ -94,16 +99,16 @@ def main() -> None:
         for round_ in range(args.repeats):
             for version, src in (("before", args.before), ("after", args.after)):
                 for method in methods:
-                    runs[version, method].append(measure(src, shape, method))
+                    runs[version, method].append({"label": f"{version} round {round_ + 1}",
+                                                  **measure(src, shape, method)})
                     print(f"  {shape} round {round_ + 1} {version} {method}: "
                           f"{runs[version, method][-1]['seconds']:.3f} s", flush=True)
         median = {key: statistics.median(r["seconds"] for r in value) for key, value in runs.items()}
         for method in methods:
             before, after = median["before", method], median["after", method]
             results = runs["before", method] + runs["after", method]
-            same = all((r["weights"], r["mask"]) == (results[0]["weights"], results[0]["mask"]) for r in results)
-            if not same:
-                odd.append(odd_runs(shape, method, runs))
+            same, notes = compare_bits(results)
+            odd += [f"{shape} {method}, {note}" for note in notes]
             ratios = [median[version, method] / median[version, "wanda"] for version in ("before", "after")]
             rows.append([shape, method, f"{before:.3f}", f"{after:.3f}", f"{before / after:.2f}x",
                          f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "yes" if same else "**no**"])
