@@ -8,9 +8,9 @@ layer_runtime.py data: W ~ N(0, 1/in), statistics of 2048 activations with outli
 channels, seed 0. Rounds alternate the trees, and each round runs every method, so load
 coming and going on the machine falls on both versions and on Wanda alike. Each child
 also records the CPU it ran on and torch's kernel level there (AVX2, AVX512): the bits
-depend on them. "Same bits" compares the runs whose inputs (hashes of W and the activations) are the
-usual ones; runs given other inputs are left out of it and listed after the table, as is
-any run whose bits differ, with where the difference entered.
+depend on them. "Same bits" compares the runs whose inputs (hashes of W and the
+activations) are the usual ones; runs given other inputs are left out of it and listed
+after the table, as is any run whose bits differ, with where the difference entered.
 
     git archive 42a69a3 src | tar -x -C /tmp/before
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/method_versions.py --before /tmp/before/src \

@@ -8,6 +8,9 @@ Python, and hashes every step on the way: W, the activations, the statistics' Σ
 score, and the mask and W' of three pruned_weights calls in the process. A step whose
 hash differs between processes while the steps before it agree is where the difference
 enters. Output: the distinct hash tuples with their counts, and the log of every run.
+Runs of 2026-12-06 in wanda_repeatability.txt (200 processes, one tuple per shape); the
+difference method_versions saw was then found already in its children's inputs
+(benchmarks/README.md).
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 200 \
         --log experiments/wanda_repeatability.jsonl
