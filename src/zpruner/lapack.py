@@ -53,7 +53,7 @@ def _routines() -> tuple | None:
 
 
 def available(A: torch.Tensor) -> bool:
-    return (A.device.type == "cpu" and A.dtype == torch.float32 and A.dim() == 2 and A.shape[0] == A.shape[1]
+    return (native.fits(A, layout="any") and A.dim() == 2 and A.shape[0] == A.shape[1]
             and 0 < A.shape[0] < 2**31 and _routines() is not None)
 
 
