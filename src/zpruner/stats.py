@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import gram
 from .layers import weight_view
 
 
@@ -26,7 +27,8 @@ class Contribution:
 
     XᵀX is accumulated as ``xtx.addmm_(xᵀ, x)``, the product added inside the matrix
     multiply, as the engine always had it: ``xtx += xᵀ @ x`` rounds differently, which
-    moved the verified SmolLM2 SparseGPT perplexities by up to 1.9 %. The product is not
+    moved the verified SmolLM2 SparseGPT perplexities by up to 1.9 % (on the CPU, over the
+    upper panels only where that gives the same bits: ``zpruner.gram``). The product is not
     computed once then, it is done once per accumulator *content*: layers fed the same
     inputs in the same order hold bit-identical XᵀX, so the second and third of them copy
     the first one's sum (a d_in² copy, not a tokens × d_in² product). A token per content
@@ -51,11 +53,11 @@ class Contribution:
         with the same content has added this batch already and not changed since."""
         done = self._added.get(acc.xtx_state)
         if done is not None and done[0].xtx_state == done[1]:
-            acc.xtx.copy_(done[0].xtx)
+            acc.copy_xtx(done[0])
             acc.xtx_state = done[1]
             return
         before = acc.xtx_state
-        acc.xtx.addmm_(self.flat.t(), self.flat)
+        acc.add_gram(self.flat)
         acc.xtx_state = next(_states)
         self._added[before] = (acc, acc.xtx_state)
 
@@ -67,18 +69,47 @@ class ActivationStats:
         self.count = 0
         self.sum = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device)
-        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if hessian else None
+        self._xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if hessian else None
+        self._below = None  # panel edges when the part below them awaits ``gram.mirror``
         self.xtx_state = 0  # which content xtx holds (see Contribution); set a new one when changing xtx
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """Σ xᵀx over all calibration tokens: [d_in, d_in] float32, or None without a Hessian."""
+        if self._below is not None:
+            gram.mirror(self._xtx, self._below)
+            self._below = None
+        return self._xtx
+
+    @xtx.setter
+    def xtx(self, value: torch.Tensor) -> None:
+        self._xtx, self._below = value, None
+
+    def add_gram(self, flat: torch.Tensor) -> None:
+        """xtx += flatᵀ flat ([tokens, d_in] float32), rounded as ``addmm_`` rounds it."""
+        edges = gram.panels_for(flat)
+        if edges is None:
+            # whole: its upper part is what the panels would have added; a part below
+            # panels (``_below``) is overwritten by the mirror when read anyway
+            self._xtx.addmm_(flat.t(), flat)
+        else:
+            gram.add_upper(self._xtx, flat, edges)
+            self._below = edges
+
+    def copy_xtx(self, other: "ActivationStats") -> None:
+        """This accumulator's XᵀX made equal to other's (both as they are, mirrored or not)."""
+        self._xtx.copy_(other._xtx)
+        self._below = other._below
 
     def add(self, x: torch.Tensor) -> None:
         """x: [..., d_in], any float dtype."""
-        self.merge(Contribution.of(x, self.sum.device, self.xtx is not None))
+        self.merge(Contribution.of(x, self.sum.device, self._xtx is not None))
 
     def merge(self, c: "Contribution") -> None:
         self.count += c.count
         self.sum += c.sum
         self.sumsq += c.sumsq
-        if self.xtx is not None:
+        if self._xtx is not None:
             c.add_xtx(self)
 
     def xtx_changed(self) -> None:
