@@ -6,7 +6,7 @@ from torch import nn
 from zpruner import gram
 from zpruner.stats import ActivationStats, record_inputs
 
-D = 3 * gram.PANEL_ROWS + 17  # three panels, the last one a little taller
+D = gram.MIN_PANELS * gram.PANEL_ROWS + 17  # the fewest panels, the last one a little taller
 
 
 def batches(d=D, sizes=(700, 700, 300), seed=0):
@@ -29,16 +29,21 @@ def same_bits(a, b):
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch):
+    monkeypatch.setattr(gram, "_verdicts", {})
+
+
 @pytest.fixture
 def panels_always(monkeypatch):
     """The panel path whatever this machine's BLAS rounds: for tests of the arithmetic."""
-    monkeypatch.setattr(gram, "agrees", lambda tokens, d, threads: True)
+    monkeypatch.setattr(gram, "agrees", lambda x, edges: True)
 
 
 def test_panel_edges_cover_the_matrix_in_panels_of_at_least_the_minimum_height():
-    assert gram.panel_edges(3 * gram.PANEL_ROWS - 1) is None  # two panels: not worth it
+    assert gram.panel_edges(gram.MIN_PANELS * gram.PANEL_ROWS - 1) is None  # too few: not worth it
     edges = gram.panel_edges(D)
-    assert edges[0] == 0 and edges[-1] == D and len(edges) == 4
+    assert edges[0] == 0 and edges[-1] == D and len(edges) == gram.MIN_PANELS + 1
     assert all(b - a >= gram.PANEL_ROWS for a, b in zip(edges, edges[1:]))
 
 
@@ -76,10 +81,9 @@ def test_hessian_keeps_addmm_bits_where_the_probe_agrees_and_addmm_where_not(mon
     s = ActivationStats(D, hessian=True)
     for x in xs:
         s.add(x)
-    threads = torch.get_num_threads()
-    if all(gram.agrees(x.shape[0], D, threads) for x in xs):
+    if all(gram._verdicts.values()):
         assert same_bits(s.xtx, whole(xs))  # the probe's answer holds for other data
-    monkeypatch.setattr(gram, "agrees", lambda tokens, d, threads: False)
+    monkeypatch.setattr(gram, "agrees", lambda x, edges: False)
     s = ActivationStats(D, hessian=True)
     for x in xs:
         s.add(x)
@@ -89,7 +93,7 @@ def test_hessian_keeps_addmm_bits_where_the_probe_agrees_and_addmm_where_not(mon
 def test_batches_of_other_sizes_may_take_either_path(monkeypatch):
     """A shape where the probe disagrees (here: the short batches) takes the whole
     product, onto a sum whose part below the panels is stale until read."""
-    monkeypatch.setattr(gram, "agrees", lambda tokens, d, threads: tokens == 700)
+    monkeypatch.setattr(gram, "agrees", lambda x, edges: x.shape[0] == 700)
     xs = batches(sizes=(700, 300, 700, 300))
     s = ActivationStats(D, hessian=True)
     for x in xs:
@@ -98,14 +102,42 @@ def test_batches_of_other_sizes_may_take_either_path(monkeypatch):
     assert torch.allclose(s.xtx, exact(xs), rtol=1e-5, atol=1e-3)
 
 
-def test_probe_compares_bits_and_is_not_used_off_the_cpu_or_for_other_dtypes(monkeypatch):
+def test_one_probe_per_shape_and_none_off_the_cpu_or_for_other_dtypes(monkeypatch):
     x = torch.randn(64, D)
     assert gram.panels_for(x.double()) is None
-    assert gram.panels_for(torch.randn(64, 2 * gram.PANEL_ROWS)) is None
+    assert gram.panels_for(torch.randn(64, gram.PANEL_ROWS)) is None
     calls = []
-    monkeypatch.setattr(gram, "agrees", lambda *a: calls.append(a) or True)
-    assert gram.panels_for(x) == gram.panel_edges(D)
-    assert calls == [(64, D, torch.get_num_threads())]
+    monkeypatch.setattr(gram, "agrees", lambda x, edges: calls.append(x.shape) or len(calls) == 1)
+    for _ in range(2):
+        assert gram.panels_for(x) == gram.panel_edges(D)
+        assert gram.panels_for(torch.randn(65, D)) is None
+    assert calls == [(64, D), (65, D)]
+
+
+def test_probe_sees_a_panel_that_rounds_otherwise_and_an_asymmetric_whole(monkeypatch):
+    x = batches(sizes=(300,))[0]
+    edges = gram.panel_edges(D)
+    honest = gram.agrees(x, edges)  # this machine's answer; either is allowed
+    assert isinstance(honest, bool)
+    addmm = torch.Tensor.addmm_
+
+    def off_by_one_ulp_in_panels(self, a, b, **kw):
+        out = addmm(self, a, b, **kw)
+        if out.shape[0] < D:  # a panel, not the whole product
+            out.view(torch.int32)[0, -1] += 1
+        return out
+
+    def off_by_one_ulp_below(self, a, b, **kw):
+        out = addmm(self, a, b, **kw)
+        if out.shape[0] == D:  # the whole product, below the first panel
+            out.view(torch.int32)[-1, 0] += 1
+        return out
+
+    for wrong in (off_by_one_ulp_in_panels, off_by_one_ulp_below):
+        monkeypatch.setattr(torch.Tensor, "addmm_", wrong)
+        assert not gram.agrees(x, edges), wrong.__name__
+    monkeypatch.setattr(torch.Tensor, "addmm_", addmm)
+    assert gram.agrees(x, edges) == honest
 
 
 def test_layers_fed_the_same_tensor_share_a_sum_awaiting_its_mirror(panels_always):

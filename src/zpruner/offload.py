@@ -224,7 +224,9 @@ def disk_peak_bytes(model: nn.Module, dtype: torch.dtype, tokens: int, hessian: 
       XᵀX per layer, or, while the largest layer is solved, its XᵀX and the factorisation's
       working copies, 3 such matrices in all (``inverse_hessian_factor`` peaked at 3.07
       times its input at d_in 11008 with torch.linalg's functions, 2.07 with the LAPACK
-      routines it calls directly on the CPU: benchmarks/factor_memory.py);
+      routines it calls directly on the CPU: benchmarks/factor_memory.py); on the CPU the
+      first block's statistics pass also holds one more XᵀX of its widest layer, the
+      panel probe's (``zpruner.gram.agrees``);
     - the modules outside the blocks (embeddings and LM head, resident while the first
       block's inputs are captured and while logits are computed);
 
@@ -235,7 +237,7 @@ def disk_peak_bytes(model: nn.Module, dtype: torch.dtype, tokens: int, hessian: 
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * (size + 2)
     d_ins = [weight_view(m).shape[1] for m in find_linears(blocks[0]).values()]
     if hessian:
-        stats = max(sum(d * d * 4 for d in d_ins), 3 * max(d_ins) ** 2 * 4)
+        stats = max(sum(d * d * 4 for d in d_ins) + max(d_ins) ** 2 * 4, 3 * max(d_ins) ** 2 * 4)
     else:
         stats = sum(2 * d * 4 for d in d_ins)
     outside = sum(p.numel() for p in model.parameters() if id(p) not in inside) * size

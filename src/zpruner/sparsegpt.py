@@ -157,7 +157,7 @@ def _solve(
         # it is the reference's product and subtraction without a temporary the size of the
         # rest of W (tests/test_methods.py checks the bits).
         W[:, i2:].addmm_(err1, U[i1:i2, i2:], alpha=-1)
-    return W * keep, keep
+    return W.mul_(keep), keep  # W is this solve's own copy
 
 
 def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | None, groups_chosen: bool = False):
