@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import FAMILIES, build_tiny_model
 from zpruner import PruneConfig, measure_sparsity, prune
 from zpruner.errors import ZprunerError
-from zpruner.layers import find_blocks, find_linears, iter_prunable, set_weight, weight_view
+from zpruner.layers import find_blocks, find_linears, iter_prunable, weight_view
 from zpruner.models import resolve_device, resolve_dtype, resolve_source
 
 EXPECTED_LINEARS = {
@@ -36,23 +36,6 @@ def test_conv1d_weight_view_is_out_by_in_and_shares_storage():
     assert view.shape == (6, 4)
     view[0, 1] = 0.0
     assert layer.weight[1, 0] == 0.0
-
-
-def test_set_weight_takes_an_own_tensor_and_copies_anything_else():
-    linear, conv = torch.nn.Linear(4, 6), Conv1D(nf=6, nx=4)
-    parameters = linear.weight, conv.weight
-    W = torch.randn(6, 4)
-    set_weight(linear, W)
-    assert linear.weight is parameters[0] and linear.weight.data_ptr() == W.data_ptr()
-    set_weight(conv, W)  # stored [in, out]: copied into its layout
-    assert conv.weight is parameters[1] and torch.equal(weight_view(conv), W) and conv.weight.shape == (4, 6)
-    wide = torch.randn(6, 8)
-    others = [wide[:, :4], wide[:, :4].contiguous().double(), torch.randn(4, 6).t()]  # a view, a dtype, strides
-    for other in others:
-        before = linear.weight.data_ptr()
-        set_weight(linear, other)
-        assert linear.weight.data_ptr() == before and torch.equal(linear.weight, other.float())
-    assert linear.weight.dtype == torch.float32 and linear.weight.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

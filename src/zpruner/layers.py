@@ -68,23 +68,6 @@ def weight_view(module: nn.Module) -> torch.Tensor:
     return weight.t() if isinstance(module, Conv1D) else weight
 
 
-def set_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Give the layer the weight W: [out, in] — W's own storage where it is laid out as the
-    layer's weight and owns exactly its storage, else copied into the layer's.
-
-    Why not always copy: a loaded model's weights are often pages of the safetensors file
-    mapped copy-on-write, and the first write to each page faults: copying SmolLM2's 106 M
-    pruned weights into them took 1.21 s, the same copy again 0.05 s.
-    """
-    target = weight_view(module)
-    owns = W.untyped_storage().nbytes() == W.numel() * W.element_size()
-    if (isinstance(module, Conv1D) or not owns or not W.is_contiguous() or W.shape != target.shape
-            or W.dtype != target.dtype or W.device != target.device):
-        target.copy_(W)
-    else:
-        module.weight.data = W
-
-
 def check_pattern(model: nn.Module, pattern: Pattern) -> None:
     """Fail before any work if an N:M group size does not divide some layer's input size."""
     if not pattern.is_nm:

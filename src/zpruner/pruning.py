@@ -17,7 +17,7 @@ from .config import PruneConfig
 from .checkpoint import WorkDir
 from .engine import model_device, run_layerwise
 from .errors import ZprunerError
-from .layers import check_pattern, find_linears, iter_prunable, set_weight, weight_view
+from .layers import check_pattern, find_linears, iter_prunable, weight_view
 from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
@@ -64,7 +64,7 @@ def prune_layer(layer: nn.Module, stats: ActivationStats | None, config: PruneCo
     """Prune and update one layer in place; returns keep: [out, in]."""
     W = weight_view(layer)
     new, keep = pruned_weights(W, stats, config)
-    set_weight(layer, new.to(W.dtype))
+    W.copy_(new.to(W.dtype))
     return keep
 
 
