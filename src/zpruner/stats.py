@@ -89,8 +89,9 @@ class ActivationStats:
         """xtx += flatᵀ flat ([tokens, d_in] float32), rounded as ``addmm_`` rounds it."""
         edges = gram.panels_for(flat)
         if edges is None:
-            # whole: its upper part is what the panels would have added; a part below
-            # panels (``_below``) is overwritten by the mirror when read anyway
+            # whole (this shape's panels would round otherwise, or too few): the upper part
+            # gets what it always got; a part below panels (``_below``) is stale either
+            # way and overwritten by the mirror when read
             self._xtx.addmm_(flat.t(), flat)
         else:
             gram.add_upper(self._xtx, flat, edges)
