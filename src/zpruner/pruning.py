@@ -167,8 +167,8 @@ def prune(
     first = 0
     if checkpoint is not None and checkpoint.done:
         first = checkpoint.done
-        for part in ("layer_time_s", "reallocated", "sparsity"):
-            getattr(report, part).update(checkpoint.state[part])
+        for part, values in checkpoint.reports().items():
+            getattr(report, part).update(values)
     if checkpoint is not None and "block_sparsity" in checkpoint.state:
         report.block_sparsity = checkpoint.state["block_sparsity"]
     else:
@@ -197,12 +197,8 @@ def prune(
             prune_block(i, layers, stats, forward)
 
         resume = None
-        if first:
-            saved = checkpoint.activations()
-            if saved is None and first < len(blocks):
-                raise ZprunerError(f"the checkpoint in {checkpoint.path} lacks the activations of block {first}; "
-                                   "delete it to start over")
-            resume = (first, saved)
+        if first and first < len(blocks):
+            resume = (first, checkpoint.activations())
         if first < len(blocks):
             run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False,
                           blocks=blocks, after=finished, resume=resume, spill=spill)

@@ -141,7 +141,8 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     if config.prune is not None and workspace.streamed:
         work = WorkDir(Path(config.work_dir).expanduser() if config.work_dir else
                        default_work_dir(config.save, config.output_json, config.model.name),
-                       run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)))
+                       run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
+                       config.prune.needs_calibration)
     elif config.resume:
         raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
                            "keeps checkpoints")

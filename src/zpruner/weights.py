@@ -156,14 +156,16 @@ def release(module: nn.Module) -> None:
                 owner._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
-def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """One safetensors shard, written under a temporary name and renamed: a shard present is complete."""
+def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                metadata: dict[str, str] | None = None) -> None:
+    """One safetensors shard, written under a temporary name and renamed: a shard present is
+    complete. ``metadata``: strings stored in its header beside transformers' ``format``."""
     data = {name: (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
             for name, t in tensors.items()}
     tmp = folder / f".{file}.tmp-{os.getpid()}"
     try:
-        save_file(data, str(tmp), metadata={"format": "pt"})
-    except SafetensorError as exc:  # the disk, not zpruner: full (a 7B's float32 shards take 27 GB), read-only
+        save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    except (SafetensorError, OSError) as exc:  # the disk: full (a 7B's float32 shards take 27 GB), read-only
         tmp.unlink(missing_ok=True)
         raise ZprunerError(f"could not write {folder / file} ({exc}); free space there or give another "
                            "--work-dir, then add --resume") from None
