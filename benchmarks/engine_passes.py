@@ -12,7 +12,7 @@ from zpruner.config import PruneConfig
 from zpruner.data import load_texts, calibration_windows
 from zpruner import engine, pruning
 from zpruner.stats import record_inputs
-from zpruner.layers import find_linears
+from zpruner.layers import find_matrices
 model, tok = load_model(ModelConfig("smollm2-135m"))
 cal = calibration_windows(tok, load_texts("c4", "../shared/data"), 64, 512, 0)
 T = {"stats_pass": 0.0, "keep_pass": 0.0, "capture": 0.0}
@@ -30,7 +30,7 @@ blocks = model.model.layers
 h, calls = orig_cap(model, cal, False, 8)
 with torch.no_grad():
     t = time.perf_counter(); orig_forward(blocks[0], calls, [x.clone() for x in h], True); one = time.perf_counter() - t
-    layers = find_linears(blocks[0])
+    layers = find_matrices(blocks[0])
     with record_inputs(layers) as st:
         t = time.perf_counter(); orig_forward(blocks[0], calls, [x.clone() for x in h], False); hooked = time.perf_counter() - t
 print(f"block 0 plain pass {one:.2f}s, hooked pass {hooked:.2f}s")

@@ -22,14 +22,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import zpruner
-    from zpruner.layers import find_blocks, find_linears, weight_view
+    from zpruner.layers import find_blocks, find_matrices
 
     model, _ = zpruner.load_model(zpruner.ModelConfig(args.model))
     print("| layer | weights | tied with the threshold | entries an index-order tie-break changes |")
     print("|---|---:|---:|---:|")
     for i, block in enumerate(find_blocks(model)[: args.blocks]):
-        for name, layer in find_linears(block).items():
-            S = weight_view(layer).float().abs().reshape(-1)
+        for name, layer in find_matrices(block).items():
+            S = layer.weight.float().abs().reshape(-1)
             k = S.numel() // 2
             keep = torch.ones_like(S, dtype=torch.bool)
             keep[torch.topk(S, k, largest=False, sorted=False).indices] = False

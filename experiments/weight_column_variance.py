@@ -6,9 +6,9 @@ scale CVR's eps is compared with (experiments/open_constants.md).
 import torch
 
 from zpruner import ModelConfig, load_model
-from zpruner.layers import iter_prunable, weight_view
+from zpruner.layers import iter_matrices
 
 model, _ = load_model(ModelConfig("smollm2-135m"))
-variances = torch.cat([weight_view(layer).float().var(dim=0, unbiased=False) for _, layer in iter_prunable(model)])
+variances = torch.cat([layer.weight.float().var(dim=0, unbiased=False) for _, layer in iter_matrices(model)])
 print(f"columns {variances.numel()}  min {variances.min().item():.3g}  "
       f"1st percentile {variances.quantile(0.01).item():.3g}  median {variances.median().item():.3g}")

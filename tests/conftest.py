@@ -52,6 +52,32 @@ def tiny_configs(vocab_size: int) -> dict[str, transformers.PretrainedConfig]:
 
 FAMILIES = list(tiny_configs(300))
 
+# Mixture-of-experts families: hidden 64, 4 routed experts whose widths (48, 96) differ from
+# the hidden size and from each other, so that a layout mistake changes a shape.
+_MOE_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE_CONFIGS = {
+    "mixtral": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                      num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(head_dim=16, intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    # a shared expert beside the routed ones; the routing weight scales the expert's input
+    "llama4_text": dict(head_dim=16, intermediate_size=48, intermediate_size_mlp=96, num_local_experts=4,
+                        num_experts_per_tok=1, interleave_moe_layer_step=1),
+    # block 0 dense, block 1 MoE with a shared expert
+    "deepseek_v3": dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                        n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4),
+}
+MOE_FAMILIES = list(MOE_CONFIGS)
+
+
+def build_tiny_moe(family: str, vocab_size: int, seed: int = 0) -> transformers.PreTrainedModel:
+    config = transformers.AutoConfig.for_model(family, vocab_size=vocab_size, **{**_MOE_COMMON, **MOE_CONFIGS[family]})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
@@ -82,6 +108,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
         if family not in made:
             path = tmp_path_factory.mktemp(f"tiny-{family}")
             build_tiny_model(family, len(tiny_tokenizer)).save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory, tiny_tokenizer):
+    """Factory: MoE family -> a saved tiny model directory (transformers' own checkpoint
+    format: one tensor per expert) with its tokenizer."""
+    made = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"tiny-moe-{family}")
+            build_tiny_moe(family, len(tiny_tokenizer)).save_pretrained(path)
             tiny_tokenizer.save_pretrained(path)
             made[family] = path
         return made[family]

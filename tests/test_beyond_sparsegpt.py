@@ -11,7 +11,7 @@ from zpruner.admm import admm, cubic_sparsity, gradual_keep
 from zpruner.allocation import centred_in_range, nm_sparsities, outlier_fraction, owl_sparsities, round_to_zero_sum
 from zpruner.cli import main
 from zpruner.errors import ZprunerError
-from zpruner.layers import find_blocks, find_linears, iter_prunable, weight_view
+from zpruner.layers import find_blocks, find_matrices, iter_matrices
 from zpruner.masks import Pattern
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
@@ -119,11 +119,11 @@ def test_admm_update_keeps_another_methods_mask_in_a_model():
     masked = build_tiny_model("llama", vocab_size=300)
     prune(model, PruneConfig(method="wanda", update="admm", nsamples=4, seqlen=32), samples, progress=False)
     prune(masked, PruneConfig(method="wanda", nsamples=4, seqlen=32), samples, progress=False)
-    for (name, a), (_, b) in zip(iter_prunable(model), iter_prunable(masked)):
+    for (name, a), (_, b) in zip(iter_matrices(model), iter_matrices(masked)):
         if ".layers.0." in name:  # the first block sees the same inputs in both runs: the same mask
-            assert torch.equal(weight_view(a) == 0, weight_view(b) == 0), name
-        assert not torch.equal(weight_view(a), weight_view(b)), name  # other kept values
-        assert ((weight_view(a) == 0).sum(dim=1) == weight_view(a).shape[1] // 2).all(), name
+            assert torch.equal(a.weight == 0, b.weight == 0), name
+        assert not torch.equal(a.weight, b.weight), name  # other kept values
+        assert ((a.weight == 0).sum(dim=1) == a.weight.shape[1] // 2).all(), name
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -193,8 +193,8 @@ def test_owl_prunes_blocks_unevenly_with_the_exact_overall_sparsity():
     assert len(set(report.block_sparsity)) > 1
     zeros = total = 0
     for block, target in zip(find_blocks(model), report.block_sparsity):
-        for layer in find_linears(block).values():
-            W = weight_view(layer)
+        for layer in find_matrices(block).values():
+            W = layer.weight
             assert ((W == 0).sum(dim=1) == int(target * W.shape[1] + 1e-9)).all()  # wanda: per row
             zeros, total = zeros + int((W == 0).sum()), total + W.numel()
     assert zeros / total == pytest.approx(0.6, abs=2 / 64)  # per-row floors of 64-wide rows
@@ -208,8 +208,8 @@ def test_owl_nm_gives_each_block_a_valid_pattern():
     assert sum(report.block_sparsity) / len(report.block_sparsity) == pytest.approx(0.5)
     assert set(report.block_sparsity) <= {k / 8 for k in range(1, 8)}
     for block, target in zip(find_blocks(model), report.block_sparsity):
-        for layer in find_linears(block).values():
-            W = weight_view(layer)
+        for layer in find_matrices(block).values():
+            W = layer.weight
             assert ((W == 0).reshape(-1, 8).sum(dim=1) == round(target * 8)).all()
 
 

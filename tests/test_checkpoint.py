@@ -146,7 +146,7 @@ def test_a_checkpoint_with_no_finished_block_does_not_block_a_rerun(tmp_path, ti
                  str(tmp_path / "m"))
     with monkeypatch.context() as m:
         m.setattr(WorkDir, "block_done", _kill_after(-1, KeyboardInterrupt))
-        m.setattr("zpruner.pruning.prune_layer", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        m.setattr("zpruner.pruning.prune_matrix", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         assert main(args) == 130
     assert json.loads((tmp_path / "m.zpruner-work" / "state" / "state.json").read_text())["done"] == 0
     assert main(args) == 0  # without --resume: nothing was finished, nothing is lost by starting over

@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 from zpruner.cli import main
-from zpruner.layers import iter_prunable, weight_view
+from zpruner.layers import iter_matrices
 
 
 def run_cli(capsys, *argv):
@@ -43,10 +43,10 @@ def test_prune_end_to_end(capsys, tmp_path, tiny_model_dir, tiny_data_dir, famil
 
     # The saved model reloads with plain transformers and has the same zeros.
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(save)
-    layers = dict(iter_prunable(reloaded))
+    layers = dict(iter_matrices(reloaded))
     assert set(layers) == set(results["sparsity"]["per_layer"])
     for name, layer in layers.items():
-        w = weight_view(layer)
+        w = layer.weight
         assert (w == 0).float().mean().item() == pytest.approx(0.5)
         if pattern != "unstructured":
             n, m = map(int, pattern.split(":"))
@@ -156,8 +156,8 @@ def test_local_text_file_as_eval_corpus_and_resave(capsys, tmp_path, tiny_model_
     assert results["perplexity"][str(corpus)] > 1.0
     assert results["perplexity_protocol"]["windows"] >= 1
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(save)
-    zeros = sum(int((m.weight == 0).sum()) for _, m in iter_prunable(reloaded))
-    total = sum(m.weight.numel() for _, m in iter_prunable(reloaded))
+    zeros = sum(int((m.weight == 0).sum()) for _, m in iter_matrices(reloaded))
+    total = sum(m.weight.numel() for _, m in iter_matrices(reloaded))
     assert zeros / total == pytest.approx(38 / 64)  # per row: floor(0.6 · 64 inputs) = 38 (down_proj: 57/96)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "m", "r.json"]
 

@@ -158,21 +158,21 @@ def test_without_last_outputs_the_last_block_is_not_rerun():
 def _stats_pass(model, samples, inputs_of, hessian=True):
     """Statistics of every linear of every block, gathered by the engine's statistics pass,
     and how many times each linear's own forward ran."""
-    from zpruner.layers import find_linears
+    from zpruner.layers import find_matrices
     from zpruner.stats import record_inputs
 
     out, runs = {}, {}
 
     def visit(i, block, forward):
-        layers = find_linears(block)
-        counters = [layer.register_forward_hook(lambda m, _a, _o: runs.__setitem__(id(m), runs.get(id(m), 0) + 1))
-                    for layer in layers.values()]
+        layers = find_matrices(block)
+        counters = [m.layer.register_forward_hook(lambda m, _a, _o: runs.__setitem__(id(m), runs.get(id(m), 0) + 1))
+                    for m in layers.values()]
         with record_inputs(layers, hessian=hessian) as stats:
-            forward(inputs_of=list(layers.values()) if inputs_of else None)
+            forward(inputs_of=[m.layer for m in layers.values()] if inputs_of else None)
         for handle in counters:
             handle.remove()
         out.update({(i, name): (s.count, s.sum, s.sumsq, s.xtx) for name, s in stats.items()})
-        out.update({(i, name, "runs"): runs.pop(id(layer), 0) for name, layer in layers.items()})
+        out.update({(i, name, "runs"): runs.pop(id(m.layer), 0) for name, m in layers.items()})
 
     run_layerwise(model, samples, visit, progress=False, batch_size=2)
     return out

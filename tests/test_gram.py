@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from zpruner import gram
+from zpruner.layers import Matrix
 from zpruner.stats import ActivationStats, record_inputs
 
 D = gram.MIN_PANELS * gram.PANEL_ROWS + 17  # the fewest panels, the last one a little taller
@@ -144,7 +145,7 @@ def test_layers_fed_the_same_tensor_share_a_sum_awaiting_its_mirror(panels_alway
     torch.manual_seed(2)
     q, k, o = (nn.Linear(D, 4) for _ in range(3))
     xs = batches(sizes=(300, 300))
-    with record_inputs({"q": q, "k": k, "o": o}, hessian=True) as stats:
+    with record_inputs({n: Matrix.of(m) for n, m in {"q": q, "k": k, "o": o}.items()}, hessian=True) as stats:
         for i, x in enumerate(xs):
             q(x), k(x)
             if i == 0:

@@ -8,6 +8,7 @@ from zpruner.masks import Pattern
 from zpruner.errors import ZprunerError
 from zpruner.masks import keep_mask
 from zpruner.scores import get_score, magnitude, wanda
+from zpruner.layers import Matrix
 from zpruner.stats import ActivationStats, record_inputs
 
 W = torch.tensor([[1.0, -4.0, 2.0, 0.5],
@@ -128,7 +129,7 @@ def test_record_inputs_handles_linear_and_conv1d():
     torch.manual_seed(0)
     linear, conv = nn.Linear(4, 3), Conv1D(3, 4)  # Conv1D(nf=out, nx=in)
     x = torch.randn(2, 5, 4)
-    with record_inputs({"lin": linear, "conv": conv}) as stats:
+    with record_inputs({"lin": Matrix.of(linear), "conv": Matrix.of(conv)}) as stats:
         linear(x)
         conv(x)
     for name in ("lin", "conv"):
@@ -143,7 +144,7 @@ def test_record_inputs_shares_one_computation_between_layers_fed_the_same_tensor
     torch.manual_seed(0)
     q, k, other = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 3)
     x, y = torch.randn(2, 5, 4), torch.randn(3, 4)
-    with record_inputs({"q": q, "k": k, "other": other}, hessian=True) as stats:
+    with record_inputs({"q": Matrix.of(q), "k": Matrix.of(k), "other": Matrix.of(other)}, hessian=True) as stats:
         q(x)
         k(x)
         other(x.clone())
@@ -164,7 +165,7 @@ def test_hessian_is_accumulated_inside_the_product_and_shared_bit_for_bit():
     torch.manual_seed(1)
     q, k, v, o = (nn.Linear(96, 8) for _ in range(4))
     xs = [torch.randn(2, 300, 96) * torch.rand(96) * 3 for _ in range(5)]
-    with record_inputs({"q": q, "k": k, "v": v, "o": o}, hessian=True) as stats:
+    with record_inputs({n: Matrix.of(m) for n, m in {"q": q, "k": k, "v": v, "o": o}.items()}, hessian=True) as stats:
         for i, x in enumerate(xs):
             q(x), k(x), v(x)
             o(x if i % 2 else x.clone())  # the same values, not always the same tensor

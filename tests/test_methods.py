@@ -10,7 +10,7 @@ from conftest import build_tiny_model
 from zpruner import PruneConfig, prune
 from zpruner.masks import Pattern
 from zpruner.errors import ZprunerError
-from zpruner.layers import iter_prunable, weight_view
+from zpruner.layers import iter_matrices
 from zpruner.masks import drop_lowest, keep_mask, n_pruned
 from zpruner.reallocation import best_permutation, heuristic_permutation, nm_retained
 from zpruner.scores import cvr, ria, zpruner
@@ -220,11 +220,11 @@ def test_every_method_and_pattern_reaches_exact_sparsity(method, pattern):
     samples = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     for update in updates:
         model = build_tiny_model("llama", vocab_size=300)
-        dense = {name: weight_view(layer).clone() for name, layer in iter_prunable(model)}
+        dense = {name: layer.weight.clone() for name, layer in iter_matrices(model)}
         config = PruneConfig(method=method, pattern=pattern, update=update, nsamples=4, seqlen=32)
         prune(model, config, samples, progress=False)
-        for name, layer in iter_prunable(model):
-            W = weight_view(layer)
+        for name, layer in iter_matrices(model):
+            W = layer.weight
             assert torch.isfinite(W).all()
             if config.parsed_pattern.is_nm:
                 n, m = config.parsed_pattern.n, config.parsed_pattern.m
@@ -343,5 +343,5 @@ def test_reallocation_in_a_model_is_exact_and_truly_nm(family, permutable):
     assert report.reallocated and all(name.endswith(permutable) for name in report.reallocated)
     for gain in report.reallocated.values():
         assert gain["retained_reallocated"] > gain["retained_plain"]
-    for _name, layer in iter_prunable(model):  # N:M in the model's own column order
-        assert ((weight_view(layer) == 0).reshape(-1, 4).sum(dim=1) == 2).all()
+    for _name, layer in iter_matrices(model):  # N:M in the model's own column order
+        assert ((layer.weight == 0).reshape(-1, 4).sum(dim=1) == 2).all()

@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import FAMILIES, build_tiny_model
 from zpruner import PruneConfig, measure_sparsity, prune
 from zpruner.errors import ZprunerError
-from zpruner.layers import find_blocks, find_linears, iter_prunable, weight_view
+from zpruner.layers import Matrix, find_blocks, find_matrices, iter_matrices
 from zpruner.models import resolve_device, resolve_dtype, resolve_source
 
 EXPECTED_LINEARS = {
@@ -24,15 +24,15 @@ def test_blocks_and_linears_found_without_names(family):
     model = build_tiny_model(family, vocab_size=300)
     blocks = find_blocks(model)
     assert len(blocks) == 2
-    assert set(find_linears(blocks[0])) == EXPECTED_LINEARS[family]
-    names = [name for name, _ in iter_prunable(model)]
+    assert set(find_matrices(blocks[0])) == EXPECTED_LINEARS[family]
+    names = [name for name, _ in iter_matrices(model)]
     assert len(names) == 2 * len(EXPECTED_LINEARS[family])
     assert not any("lm_head" in n or "embed" in n or "wte" in n for n in names)
 
 
 def test_conv1d_weight_view_is_out_by_in_and_shares_storage():
     layer = Conv1D(nf=6, nx=4)  # 4 inputs, 6 outputs, stored [4, 6]
-    view = weight_view(layer)
+    view = Matrix(layer, transposed=True).weight
     assert view.shape == (6, 4)
     view[0, 1] = 0.0
     assert layer.weight[1, 0] == 0.0
@@ -54,16 +54,16 @@ def test_wanda_uses_the_activations():
         model = build_tiny_model("llama", vocab_size=300)
         calibration = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(seed))
         prune(model, PruneConfig("wanda", 0.5, nsamples=2, seqlen=32), calibration, progress=False)
-        masks.append(torch.cat([(weight_view(m) == 0).flatten() for _, m in iter_prunable(model)]))
+        masks.append(torch.cat([(m.weight == 0).flatten() for _, m in iter_matrices(model)]))
     assert not torch.equal(masks[0], masks[1])
 
 
 def test_magnitude_needs_no_calibration_and_matches_global_threshold():
     model = build_tiny_model("gpt2", vocab_size=300)
-    original = {n: weight_view(m).clone() for n, m in iter_prunable(model)}
+    original = {n: m.weight.clone() for n, m in iter_matrices(model)}
     prune(model, PruneConfig("magnitude", 0.3), None, progress=False)
-    for name, layer in iter_prunable(model):
-        w, w0 = weight_view(layer), original[name]
+    for name, layer in iter_matrices(model):
+        w, w0 = layer.weight, original[name]
         pruned = w0[w == 0].abs()
         assert pruned.numel() == int(0.3 * w0.numel())
         assert pruned.max() <= w0[w != 0].abs().min()

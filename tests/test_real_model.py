@@ -70,11 +70,11 @@ def test_every_activation_method_beats_magnitude(smollm2, wikitext, calibration,
 
 def test_cvr_column_variance_is_torchs_on_every_smollm2_layer(smollm2):
     """The fast column variance leaves the verified CVR cells as they are: same bits here."""
-    from zpruner.layers import iter_prunable, weight_view
+    from zpruner.layers import iter_matrices
     from zpruner.columns import column_variance
 
-    for name, layer in iter_prunable(smollm2[0]):
-        W = weight_view(layer)
+    for name, layer in iter_matrices(smollm2[0]):
+        W = layer.weight
         assert torch.equal(column_variance(W), W.var(dim=0, unbiased=False)), name
 
 
@@ -90,7 +90,7 @@ def test_cli_prunes_saves_and_reloads_smollm2(smollm2, shared_data, tmp_path, ca
     import transformers
 
     from zpruner.cli import main
-    from zpruner.layers import iter_prunable
+    from zpruner.layers import iter_matrices
 
     save, first, second = tmp_path / "smollm2-2of4", tmp_path / "a.json", tmp_path / "b.json"
     common = ["--data-dir", str(shared_data), "--eval-seqlen", "256", "--eval-windows", "4", "--quiet"]
@@ -103,7 +103,7 @@ def test_cli_prunes_saves_and_reloads_smollm2(smollm2, shared_data, tmp_path, ca
     assert len(pruned["sparsity"]["per_layer"]) == 30 * 7
     assert reloaded["perplexity"]["wikitext2"] == pytest.approx(pruned["perplexity"]["wikitext2"], rel=1e-4)
     model = transformers.AutoModelForCausalLM.from_pretrained(save)
-    for _name, layer in iter_prunable(model):
+    for _name, layer in iter_matrices(model):
         groups = layer.weight.reshape(layer.weight.shape[0], -1, 4)
         assert ((groups == 0).sum(-1) >= 2).all()  # >= : the pre-existing zeros again
     # embeddings and the tied head are never pruned

@@ -38,8 +38,8 @@ from torch import nn
 
 from .errors import ZprunerError
 from .io import dumps_json, save_folder_atomic, write_atomic
-from .layers import iter_prunable
-from .weights import write_index, write_shard
+from .layers import Count, sparsity_summary
+from .weights import checkpoint_names, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ STATE_FILE = "state.json"
 LOCK = ".zpruner-lock"
 # the layout of a work folder: a checkpoint of another layout is refused, never misread
 FORMAT = 2
-REPORT_PARTS = ("layer_time_s", "reallocated", "sparsity")
+REPORT_PARTS = ("layer_time_s", "reallocated", "sparsity", "experts", "counts")
 
 
 def block_file(i: int) -> str:
@@ -342,16 +342,18 @@ def checkpoint_options(config) -> dict:
     return json.loads(dumps_json(options))
 
 
-def sparsity_of(model: nn.Module, fractions: dict[str, float]) -> dict:
-    """``layers.measure_sparsity``'s numbers from the fraction of zeros per layer counted
-    while each block was resident (a streamed model's weights are not in memory at the end)."""
-    per_layer, zeros, total = {}, 0, 0
-    for name, module in iter_prunable(model):
-        size = module.weight.numel()
-        per_layer[name] = fractions[name]
-        zeros += round(fractions[name] * size)
-        total += size
-    return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
+def sparsity_of(per_matrix: dict[str, float], counts: dict[str, dict]) -> dict:
+    """``layers.measure_sparsity``'s numbers from what was counted while each block was
+    resident (a streamed model's weights are not in memory at the end): the fraction of
+    zeros per matrix and, per block, the zeros and totals of its pruned matrices and of all
+    its weights, and what it left alone."""
+    pruned, everything, alone = Count(), Count(), {}
+    for block in counts.values():
+        for total, (zeros, size) in ((pruned, block["pruned"]), (everything, block["all"])):
+            total.zeros += zeros
+            total.total += size
+        alone.update(block["left_alone"])
+    return sparsity_summary(per_matrix, pruned, everything, alone)
 
 
 def save_streamed(target: str | os.PathLike, model: nn.Module, tokenizer, work: WorkDir, blocks, manifest: dict,
@@ -372,7 +374,7 @@ def save_streamed(target: str | os.PathLike, model: nn.Module, tokenizer, work: 
             # named_parameters lists a tied LM head once, under the embeddings' name, as save_pretrained does
             outside = {n: t for n, t in [*model.named_parameters(), *_persistent_buffers(model)]
                        if not n.startswith(inside)}
-            write_shard(folder, "model-outside.safetensors", outside, dtype)
+            write_shard(folder, "model-outside.safetensors", checkpoint_names(model, outside), dtype)
         write_index(folder)
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:

@@ -53,3 +53,14 @@ def check_pair(name: str, value) -> tuple[float, float]:
             is_number(v) and math.isfinite(v) for v in value):
         raise ZprunerError(f"{label(name)} must be two finite numbers LO,HI such as 0.8,1.25, got {value!r}")
     return float(value[0]), float(value[1])
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ZprunerError(f"{label(name)} {value!r} is unknown; choose one of {', '.join(choices)}")
+
+
+def check_fraction(name: str, value) -> None:
+    """A fraction in [0, 1)."""
+    if not is_number(value) or not 0 <= value < 1:
+        raise ZprunerError(f"{label(name)} must be a fraction in [0, 1), e.g. 0.25, got {value!r}")

@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 
-from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
+from .config import DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
                         "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
                         f"Default: {PruneConfig.allocation}")
+    e = p.add_argument_group("mixture-of-experts models")
+    e.add_argument("--prune-experts", type=_finite, metavar="F", help="remove the fraction F of the routed experts of "
+                   "every MoE block before the kept ones are pruned. Default: 0")
+    e.add_argument("--expert-score", choices=EXPERT_SCORES, help="which experts --prune-experts keeps: reap (mean "
+                   "router weight x output norm over routed tokens), frequency (routed tokens), random. Default: reap")
+    e.add_argument("--expert-stats", choices=EXPERT_STATS, help="an expert's statistics: own (its routed tokens; "
+                   "too few: the pooled ones, reported) or pooled (all its block's expert tokens). Default: own")
     g.add_argument("--sparsity", type=_finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import check_bool, check_int, check_str
+from .checks import check_bool, check_choice, check_fraction, check_int, check_str
 from .errors import ZprunerError
 from .masks import Pattern, check_sparsity
 from .protocols import check_protocol, expand
@@ -20,6 +20,8 @@ from .zeroshot import parse_tasks
 SCHEMA_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("row", "layer")
+EXPERT_SCORES = ("reap", "frequency", "random")  # zpruner.experts.ExpertTally.score
+EXPERT_STATS = ("own", "pooled")
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 CALIB_BATCH_TOKENS = 4096
 
@@ -42,6 +44,9 @@ PRUNE_FIELD_CHECKS = {
     "reallocate": check_bool,
     "allocation": lambda n, v: (check_str(n, v), get_allocation(v)),
     "sparsity": lambda n, v: check_sparsity(v),
+    "prune_experts": check_fraction,
+    "expert_score": lambda n, v: check_choice(n, v, EXPERT_SCORES),
+    "expert_stats": lambda n, v: check_choice(n, v, EXPERT_STATS),
 }
 
 
@@ -69,7 +74,10 @@ class PruneConfig:
     energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the inverse
     Hessian, keeping the method's mask), or 'admm' (solve the kept weights by ADMM).
     ``allocation`` shares the sparsity out among the blocks: 'uniform' or 'owl'
-    (zpruner.allocation).
+    (zpruner.allocation). ``prune_experts`` removes that fraction of the routed experts of
+    every MoE block, ranked by ``expert_score`` ('reap', 'frequency' or 'random');
+    ``expert_stats`` 'own' gives each expert the statistics of the tokens routed to it,
+    'pooled' those of every token its block's experts saw (zpruner.experts).
 
     The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``, ``damp`` ...:
     ``zpruner.registry.constants()``) are keyword arguments too; they are kept in
@@ -91,6 +99,12 @@ class PruneConfig:
     # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
     calib_batch_size: int | None = None
     allocation: str = "uniform"
+    # mixture-of-experts models: the fraction of routed experts removed in every MoE block,
+    # chosen by ``expert_score``, before the kept ones are pruned; and whether an expert's
+    # statistics are its own routed tokens or pooled over every token of its block
+    prune_experts: float = 0.0
+    expert_score: str = "reap"
+    expert_stats: str = "own"
     constants: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -151,6 +165,7 @@ class PruneConfig:
             self.sparsity = 0.5
         check_sparsity(self.sparsity)
         self.sparsity = float(self.sparsity)  # 0.5 from anywhere, one run key
+        self.prune_experts = float(self.prune_experts)
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
         if self.reallocate and (not pattern.is_nm or method.kind != "score"):
@@ -176,7 +191,7 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         # reallocation checks each permutation on a calibration sample
         return (self.uses_hessian or self.reallocate or self.method_entry.needs_activations
-                or self.allocation_entry.needs_activations)
+                or self.allocation_entry.needs_activations or self.prune_experts > 0)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -205,6 +220,10 @@ class PruneConfig:
         used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
         if self.allocation != "uniform":  # absent from results written before allocations, which are uniform
             used.add("allocation")
+        if self.prune_experts > 0:  # likewise for the MoE options, at their defaults before them
+            used |= {"prune_experts", "expert_score"}
+        if self.expert_stats != "own":
+            used.add("expert_stats")
         if self.needs_calibration:
             used |= {"nsamples", "seqlen", "seed", "calibration"}
         return {**{k: v for k, v in self.to_dict().items() if k in used}, **self.used_constants()}

@@ -23,7 +23,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ZprunerError
+from .experts import use_eager_experts
 from .io import create_folder_atomic
+from .weights import WeightSource, check_weights, stored_layer_count
 
 log = logging.getLogger(__name__)
 
@@ -186,26 +188,56 @@ def model_source(config: ModelConfig) -> Path | str:
 def load_skeleton(config: ModelConfig) -> tuple[nn.Module, object, Path | str]:
     """(model without weights on the meta device, tokenizer, where its weights are): the
     structure of a model of any size from its config alone; its tensors are read later,
-    block by block (offload.py), from ``local_weights``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    block by block (offload.py), from ``local_weights``. A local folder's weights are
+    checked against that structure first (``check_weights``)."""
+    from transformers import AutoTokenizer
 
     source = model_source(config)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    model = _skeleton(config, source, resolve_dtype(config.dtype, device))
     try:
-        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                     trust_remote_code=config.trust_remote_code)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise _loading_error(config, source, exc) from exc
     for module in model.modules():  # buffers computed at construction (rotary tables) are real already
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.device.type != "meta":
                 module._buffers[name] = buffer.to(device)
+    use_eager_experts(model)
     return model.eval(), tokenizer, source
+
+
+def _skeleton(config: ModelConfig, source: Path | str, dtype: torch.dtype) -> nn.Module:
+    """The model built without weights (meta device). For a local folder, the config's
+    layer count is checked against the stored tensors before anything is built (a config
+    far beyond its weights would otherwise take minutes to build), and every parameter
+    against its stored shape after."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        if isinstance(source, Path):
+            check_layer_count(model_config, WeightSource(source))
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                     trust_remote_code=config.trust_remote_code)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _loading_error(config, source, exc) from exc
+    if isinstance(source, Path):
+        check_weights(model, WeightSource(source, getattr(model, "base_model_prefix", ""), model))
+    return model
+
+
+def check_layer_count(model_config, source: WeightSource) -> None:
+    """The config may not declare more decoder blocks than the stored tensors number."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    declared = getattr(text, "num_hidden_layers", None)
+    found = stored_layer_count(list(source.files))
+    if isinstance(declared, int) and found is not None and declared > found[1]:
+        raise ZprunerError(f"config.json declares {declared} decoder layers but {source.folder} holds weights for "
+                           f"{found[1]} ({found[0]}.0 to {found[0]}.{found[1] - 1}); the folder's config does not "
+                           "match its weights")
 
 
 def local_weights(source: Path | str) -> Path:
@@ -246,6 +278,8 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
     device = resolve_device(config.device)
     source = model_source(config)
     dtype = resolve_dtype(config.dtype, device)
+    if isinstance(source, Path):
+        _skeleton(config, source, dtype)  # the weights checked before from_pretrained fills a gap randomly
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         # safetensors only: unpickling a checkpoint can run arbitrary code
@@ -255,6 +289,7 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise _loading_error(config, source, exc) from exc
     check_finite(model)
+    use_eager_experts(model)
     return model.to(device).eval(), tokenizer
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import OFFLOAD_MODES
 from .errors import ZprunerError
-from .layers import find_blocks, find_linears, iter_prunable, weight_view
+from .layers import block_counts, block_prefix, find_blocks, find_matrices
 from .weights import WeightSource, materialise, module_tensors, release
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ class StreamedBlocks(Blocks):
         super().__init__(model, device)
         self.source, self.dtype = source, dtype
         self.block_source = block_source if block_source is not None else source
-        self.names = {m: name for name, m in iter_prunable(model)}
-        self.zeros: dict[str, float] = {}  # fraction of zero weights per layer, counted as blocks pass
+        self.prefix = block_prefix(model)
+        self.counts: dict[str, dict] = {}  # per block read, its weights counted (``layers.block_counts``)
+        self.per_matrix: dict[str, float] = {}
 
     @contextmanager
     def outside(self, head: bool = True) -> Iterator[None]:
@@ -118,17 +119,19 @@ class StreamedBlocks(Blocks):
     def load(self, i: int) -> nn.Module:
         block = self.blocks[i]
         materialise(self.model, module_tensors(self.model, block), self.block_source, self.dtype, self.device)
-        for layer in find_linears(block).values():
-            self.zeros[self.names[layer]] = float((layer.weight == 0).float().mean())
+        per_matrix, pruned, everything, alone = block_counts(block, f"{self.prefix}.{i}.")
+        self.per_matrix.update(per_matrix)
+        self.counts[str(i)] = {"pruned": [pruned.zeros, pruned.total], "all": [everything.zeros, everything.total],
+                               "left_alone": alone}
         return block
 
-    def zero_fractions(self) -> dict[str, float]:
-        """Fraction of zero weights per layer (in ``iter_prunable`` order), reading the blocks
-        no pass has read yet."""
-        for i, block in enumerate(self.blocks):
-            if any(self.names[layer] not in self.zeros for layer in find_linears(block).values()):
+    def counted(self) -> tuple[dict[str, float], dict[str, dict]]:
+        """(zeros per matrix, per block counts) of every block, reading the blocks no pass
+        has read yet."""
+        for i in range(len(self.blocks)):
+            if str(i) not in self.counts:
                 self.done(i, self.load(i))
-        return {name: self.zeros[name] for name in self.names.values()}
+        return self.per_matrix, self.counts
 
     def done(self, i: int, block: nn.Module) -> None:
         release(block)
@@ -235,7 +238,8 @@ def disk_peak_bytes(model: nn.Module, dtype: torch.dtype, tokens: int, hessian: 
     blocks = find_blocks(model)
     inside = {id(p) for p in blocks.parameters()}
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * (size + 2)
-    d_ins = [weight_view(m).shape[1] for m in find_linears(blocks[0]).values()]
+    widest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    d_ins = [m.weight.shape[1] for m in find_matrices(widest).values()]
     if hessian:
         stats = max(sum(d * d * 4 for d in d_ins) + max(d_ins) ** 2 * 4, 3 * max(d_ins) ** 2 * 4)
     else:

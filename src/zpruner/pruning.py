@@ -17,12 +17,15 @@ from .config import PruneConfig
 from .checkpoint import WorkDir
 from .engine import model_device, run_layerwise
 from .errors import ZprunerError
-from .layers import check_pattern, find_linears, iter_prunable, weight_view
+from .expert_removal import ExpertTally, experts_to_keep, remove_experts, update_config
+from .experts import check_seen, observed
+from .layers import Matrix, block_counts, block_experts, block_prefix, check_pattern, find_matrices
 from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
 from .reallocation import best_permutation
-from .stats import ActivationStats, record_inputs
+from .stats import ActivationStats, Recorded, pooled, record_inputs
+from .weights import checkpoint_names
 
 
 @dataclass
@@ -38,6 +41,11 @@ class PruneReport:
     sparsity: dict[str, float] = field(default_factory=dict)
     # the allocation's target per decoder block (--allocation other than uniform), else empty
     block_sparsity: list[float] = field(default_factory=list)
+    # per experts module (full name): routed tokens per expert, fallbacks, removed experts
+    experts: dict[str, dict] = field(default_factory=dict)
+    # per block index (as text), counted as each block is checkpointed (a streamed run): zeros
+    # and totals of the pruned matrices and of every block weight, and what was left alone
+    counts: dict[str, dict] = field(default_factory=dict)
 
 
 def pruned_weights(
@@ -60,9 +68,9 @@ def pruned_weights(
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
-    """Prune and update one layer in place; returns keep: [out, in]."""
-    W = weight_view(layer)
+def prune_matrix(matrix: Matrix, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
+    """Prune and update one matrix in place; returns keep: [out, in]."""
+    W = matrix.weight
     new, keep = pruned_weights(W, stats, config)
     W.copy_(new.to(W.dtype))
     return keep
@@ -71,10 +79,10 @@ def prune_layer(layer: nn.Module, stats: ActivationStats | None, config: PruneCo
 def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
     """Reorder ``layer``'s input channels and, identically, the output rows (and biases) of
     the layers that produce them: y = W[:, perm] · x[perm] is the same function."""
-    W = weight_view(layer)
+    W = Matrix.of(layer).weight
     W.copy_(W[:, perm])
     for producer in producers:
-        Wp = weight_view(producer)
+        Wp = Matrix.of(producer).weight
         Wp.copy_(Wp[perm])
         if getattr(producer, "bias", None) is not None:
             producer.bias.copy_(producer.bias[perm])
@@ -89,19 +97,23 @@ def permute_stats(stats: ActivationStats, perm: torch.Tensor) -> None:
 
 @torch.no_grad()
 def reallocate_inputs(
-    layer: nn.Module, layers: dict[str, nn.Module], stats: ActivationStats, config: PruneConfig, forward
+    matrix: Matrix, matrices: dict[str, Matrix], stats: ActivationStats, config: PruneConfig, forward
 ) -> dict[str, float] | None:
     """RIA channel reallocation applied so the weights end N:M in the model's own order.
 
     A permutation of a layer's inputs is only free when it can be folded into the layers
     that produce those inputs (e.g. gate/up rows for down_proj): candidates are the
-    block's linears whose output size is this layer's input size, and the permutation is
-    kept only if the block's output on a calibration sample is unchanged; otherwise the
-    layer gets the plain N:M mask. Returns the retained scores when applied, else None.
+    block's linear layers whose output size is this layer's input size, and the permutation
+    is kept only if the block's output on a calibration sample is unchanged; otherwise the
+    layer gets the plain N:M mask. Experts' slices are not permuted. Returns the retained
+    scores when applied, else None.
     """
+    if matrix.layer is None:
+        return None
     pattern = config.parsed_pattern
-    W = weight_view(layer)
-    producers = [p for p in layers.values() if p is not layer and weight_view(p).shape[0] == W.shape[1]]
+    W = matrix.weight
+    producers = [m.layer for m in matrices.values()
+                 if m.layer is not None and m.layer is not matrix.layer and m.weight.shape[0] == W.shape[1]]
     if not producers:
         return None
     perm, plain, realloc = best_permutation(config.method_entry(W.float(), stats, constants=config.constants),
@@ -110,10 +122,10 @@ def reallocate_inputs(
         return None
     perm = perm.to(W.device)
     before = forward(limit=1)[0]
-    permute_inputs(layer, producers, perm)
+    permute_inputs(matrix.layer, producers, perm)
     after = forward(limit=1)[0]
     if not torch.allclose(after, before, rtol=1e-3, atol=1e-4 * before.abs().max().item()):
-        permute_inputs(layer, producers, torch.argsort(perm))  # exact undo: a pure reindexing
+        permute_inputs(matrix.layer, producers, torch.argsort(perm))  # exact undo: a pure reindexing
         return None
     permute_stats(stats, perm.to(stats.sum.device))
     return {"retained_plain": plain, "retained_reallocated": realloc}
@@ -134,76 +146,196 @@ def prune(
     check_pattern(model, config.parsed_pattern)
     report = PruneReport()
     blocks = blocks if blocks is not None else Blocks(model, model_device(model))
-    names = {module: name for name, module in iter_prunable(model)}
+    prefix = block_prefix(model)
     start = time.perf_counter()
     dtype = next(model.parameters()).dtype
-
-    def prune_block(i: int, layers: dict[str, nn.Module], stats: dict[str, ActivationStats] | None,
-                    forward=None) -> None:
-        block_config = config.for_block(report.block_sparsity[i]) if report.block_sparsity else config
-        for name, layer in layers.items():
-            t = time.perf_counter()
-            # popped, so each layer's statistics are freed once it is pruned: with a Hessian
-            # they are d_in² floats per layer (888 MB per LLaMA-2-7B block), and the largest
-            # layer's solve then runs without the others' beside it
-            layer_stats = stats.pop(name) if stats else None
-            if config.reallocate:
-                gain = reallocate_inputs(layer, layers, layer_stats, block_config, forward)
-                if gain is not None:
-                    report.reallocated[names[layer]] = gain
-            prune_layer(layer, layer_stats, block_config)
-            report.layer_time_s[names[layer]] = time.perf_counter() - t
+    first = _resume_report(model, blocks, checkpoint, report)
+    report.block_sparsity = _allocation(model, calibration, config, progress, blocks, spill, checkpoint)
+    step = _BlockStep(model, config, report, prefix)
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
         if checkpoint is not None:  # a model in memory is counted at the end (measure_sparsity), not here
-            layers = {names[m]: m for m in find_linears(block).values()}
-            report.sparsity.update({name: float((m.weight == 0).float().mean()) for name, m in layers.items()})
-            tensors = _block_state(model, block)
-            part = {"layer_time_s": {n: report.layer_time_s[n] for n in layers},
-                    "reallocated": {n: report.reallocated[n] for n in layers if n in report.reallocated},
-                    "sparsity": {n: report.sparsity[n] for n in layers}}
-            checkpoint.block_done(i, tensors, dtype, hidden, part)
+            checkpoint.block_done(i, _block_state(model, block), dtype, hidden, step.block_report(i, block))
 
-    first = 0
-    if checkpoint is not None and checkpoint.done:
-        first = checkpoint.done
-        for part, values in checkpoint.reports().items():
-            getattr(report, part).update(values)
-    if checkpoint is not None and "block_sparsity" in checkpoint.state:
-        report.block_sparsity = checkpoint.state["block_sparsity"]
-    else:
-        def survey(measure):
-            return _survey(model, calibration, measure, config, progress, blocks, spill)
-
-        report.block_sparsity = config.allocation_entry(survey, sparsity=config.sparsity,
-                                                        pattern=config.parsed_pattern,
-                                                        constants=config.constants) or []
-        if checkpoint is not None:
-            checkpoint.remember("block_sparsity", report.block_sparsity)
     if not config.needs_calibration:
         # Data-free: no reason to run the model at all.
         for i in bar(range(first, len(blocks)), desc="blocks", unit="block", disable=not progress):
             block = blocks.load(i)
-            prune_block(i, find_linears(block), None)
+            step.prune_block(i, block, find_matrices(block), None)
             finished(i, block, None)
             blocks.done(i, block)
     else:
         _require_tokens(calibration, f"method '{config.method}'")
-
-        def visit(i: int, block: nn.Module, forward) -> None:
-            layers = find_linears(block)
-            with record_inputs(layers, hessian=config.uses_hessian) as stats:
-                forward(inputs_of=list(layers.values()))
-            prune_block(i, layers, stats, forward)
-
-        resume = None
-        if first and first < len(blocks):
-            resume = (first, checkpoint.activations())
+        resume = (first, checkpoint.activations()) if 0 < first < len(blocks) else None
         if first < len(blocks):
-            run_layerwise(model, calibration, visit, progress, config.calib_batch_size, last_outputs=False,
+            run_layerwise(model, calibration, step.visit, progress, config.calib_batch_size, last_outputs=False,
                           blocks=blocks, after=finished, resume=resume, spill=spill)
     report.total_s = time.perf_counter() - start
     return report
+
+
+class _BlockStep:
+    """What ``prune`` does to one block: remove whole experts (``--prune-experts``), record
+    the statistics of its matrices (experts on their own tokens), prune them."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str):
+        self.model, self.config, self.report, self.prefix = model, config, report, prefix
+
+    def visit(self, i: int, block: nn.Module, forward) -> None:
+        config = self.config
+        if config.prune_experts > 0 and block_experts(block):
+            self.remove_experts(i, block, forward)
+        matrices = find_matrices(block)
+        linear_only = all(m.expert is None for m in matrices.values())
+        with record_inputs(matrices, hessian=config.uses_hessian, pool_experts=config.expert_stats == "pooled") \
+                as stats:
+            # a pass that stops once every layer has its input, where no experts must run to the end
+            forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None)
+        self.report_experts(i, block, matrices, stats)
+        self.prune_block(i, block, matrices, stats, forward)
+
+    def prune_block(self, i: int, block: nn.Module, matrices: dict[str, Matrix],
+                    stats: dict[str, ActivationStats] | None, forward=None) -> None:
+        config, report = self.config, self.report
+        block_config = config.for_block(report.block_sparsity[i]) if report.block_sparsity else config
+        for name, matrix in matrices.items():
+            full = f"{self.prefix}.{i}.{name}"
+            t = time.perf_counter()
+            # popped, so each matrix's statistics are freed once it is pruned: with a Hessian
+            # they are d_in² floats per layer (888 MB per LLaMA-2-7B block), and the largest
+            # layer's solve then runs without the others' beside it
+            matrix_stats = stats.pop(name) if stats else None
+            if config.reallocate:
+                gain = reallocate_inputs(matrix, matrices, matrix_stats, block_config, forward)
+                if gain is not None:
+                    report.reallocated[full] = gain
+            prune_matrix(matrix, matrix_stats, block_config)
+            report.layer_time_s[full] = time.perf_counter() - t
+
+    def remove_experts(self, i: int, block: nn.Module, forward) -> None:
+        """Score the experts on the calibration tokens (one observed pass of the dense
+        block), keep the best ``1 - prune_experts`` of them in every experts module."""
+        config = self.config
+        experts = block_experts(block)
+        tallies = {ex.name: ExpertTally.empty(ex.count) for ex in experts}
+
+        def on_input(ex, param: str, expert: int, x: torch.Tensor, _transposed: bool) -> None:
+            if param == ex.params[0]:
+                tallies[ex.name].tokens[expert] += x.shape[0]
+
+        def on_output(ex, expert: int, contribution: torch.Tensor) -> None:
+            tallies[ex.name].contribution[expert] += float(contribution.float().norm(dim=-1).sum())
+
+        with observed(experts, on_input, on_output) as watches:
+            forward()
+        check_seen(watches)
+        for ex in experts:
+            if not ex.fused:
+                raise ZprunerError(f"--prune-experts: the experts of {type(block).__name__} are a list of modules; "
+                                   "zpruner removes experts stored as fused parameters only")
+            tally = tallies[ex.name]
+            scores = tally.score(config.expert_score, config.seed + i)
+            keep = experts_to_keep(scores, config.prune_experts)
+            before = ex.count
+            removed = remove_experts(block, ex, keep)
+            update_config(self.model.config, before, ex.count)
+            self.report.experts[f"{self.prefix}.{i}.{ex.name}"] = {
+                "count": before, "kept": keep, "removed": [e for e in range(before) if e not in keep],
+                "removed_weights": removed, "score": config.expert_score, "scores": scores,
+                "routed_tokens_dense": tally.tokens}
+
+    def report_experts(self, i: int, block: nn.Module, matrices: dict[str, Matrix], stats: Recorded) -> None:
+        """Per experts module: each expert's routed tokens; an expert whose statistics are too
+        thin for the method (fewer tokens than ``min_tokens``) gets the pooled ones, named."""
+        experts = block_experts(block)
+        for ex in experts:
+            entry = self.report.experts.setdefault(f"{self.prefix}.{i}.{ex.name}", {})
+            entry["tokens"] = [stats.tokens[n] for n in _first_matrix_of_each_expert(ex, matrices)]
+            entry["stats"] = self.config.expert_stats
+            entry["fallback"] = {}
+        if self.config.expert_stats == "pooled":
+            return
+        groups: dict[str, list[str]] = {}
+        for name, matrix in matrices.items():
+            if matrix.group is not None:
+                groups.setdefault(matrix.group, []).append(name)
+        for names in groups.values():
+            thin = [n for n in names if stats.tokens[n] < min_tokens(self.config, matrices[n])]
+            if not thin:
+                continue
+            shared = pooled([stats[n] for n in names])
+            for name in thin:
+                m = matrices[name]
+                fallbacks = self.report.experts[f"{self.prefix}.{i}.{m.experts.name}"]["fallback"]
+                fallbacks[name] = (f"pooled statistics: {stats.tokens[name]} routed tokens, the method needs "
+                                   f"{min_tokens(self.config, m)}")
+                stats[name] = shared
+
+    def block_report(self, i: int, block: nn.Module) -> dict:
+        """The checkpoint's record of block ``i``: its matrices' times, reallocations,
+        zeros, and its experts' report (a resumed run reads it back)."""
+        per_matrix, pruned, everything, alone = block_counts(block, f"{self.prefix}.{i}.")
+        self.report.sparsity.update(per_matrix)
+        names = set(per_matrix)
+        experts = {k: v for k, v in self.report.experts.items() if k.startswith(f"{self.prefix}.{i}.")}
+        counts = {"pruned": [pruned.zeros, pruned.total], "all": [everything.zeros, everything.total],
+                  "left_alone": alone}
+        self.report.counts[str(i)] = counts
+        return {"layer_time_s": {n: self.report.layer_time_s[n] for n in names if n in self.report.layer_time_s},
+                "reallocated": {n: self.report.reallocated[n] for n in names if n in self.report.reallocated},
+                "sparsity": per_matrix, "experts": experts, "counts": {str(i): counts}}
+
+
+def _first_matrix_of_each_expert(ex, matrices: dict[str, Matrix]) -> list[str]:
+    """The name of each expert's first matrix (the one that reads the routed tokens)."""
+    if ex.fused:
+        return [ex.matrix_name(ex.params[0], e) for e in range(ex.count)]
+    first = next(n for n, m in matrices.items() if m.experts is ex)  # "<experts>.0.<layer>"
+    layer = first[len(ex.name) + 1:].split(".", 1)[1]
+    return [f"{ex.name}.{j}.{layer}" for j in range(ex.count)]
+
+
+def min_tokens(config: PruneConfig, matrix: Matrix) -> int:
+    """Tokens an expert's statistics need: one for an activation norm; d_in for a Hessian
+    (XᵀX of fewer tokens than inputs is singular, and a reconstruction on it fits those
+    few tokens rather than the expert's function)."""
+    return matrix.weight.shape[1] if config.uses_hessian else 1
+
+
+def _resume_report(model: nn.Module, blocks: Blocks, checkpoint: WorkDir | None, report: PruneReport) -> int:
+    """The first block to prune: after those a checkpoint holds, whose report is taken over
+    (and whose experts, where some were removed, are removed from the model's structure too)."""
+    if checkpoint is None or not checkpoint.done:
+        return 0
+    for part, values in checkpoint.reports().items():
+        getattr(report, part).update(values)
+    prefix = block_prefix(model)
+    for i in range(checkpoint.done):
+        block = blocks.blocks[i]
+        for ex in block_experts(block):
+            kept = report.experts.get(f"{prefix}.{i}.{ex.name}", {}).get("kept")
+            if kept is not None and len(kept) < ex.count:
+                before = ex.count
+                remove_experts(block, ex, kept)
+                update_config(model.config, before, ex.count)
+    return checkpoint.done
+
+
+def _allocation(model: nn.Module, calibration, config: PruneConfig, progress: bool, blocks: Blocks, spill,
+                checkpoint: WorkDir | None) -> list[float]:
+    """Each block's sparsity under ``--allocation`` ([] for uniform), measured once on the
+    dense model and kept in the checkpoint for a resumed run."""
+    if checkpoint is not None and "block_sparsity" in checkpoint.state:
+        return checkpoint.state["block_sparsity"]
+
+    def survey(measure):
+        return _survey(model, calibration, measure, config, progress, blocks, spill)
+
+    shares = config.allocation_entry(survey, sparsity=config.sparsity, pattern=config.parsed_pattern,
+                                     constants=config.constants) or []
+    if checkpoint is not None:
+        checkpoint.remember("block_sparsity", shares)
+    return shares
 
 
 def _require_tokens(calibration: torch.Tensor | None, who: str) -> None:
@@ -222,13 +354,13 @@ def _survey(model: nn.Module, calibration: torch.Tensor | None, measure, config:
     current: list = []
     with ExitStack() as recording:  # the hooks go however the pass ends
         def visit(_i: int, block: nn.Module, _forward) -> None:
-            layers = find_linears(block)
-            current[:] = [layers, recording.enter_context(record_inputs(layers))]
+            matrices = find_matrices(block)
+            current[:] = [matrices, recording.enter_context(record_inputs(matrices))]
 
         def after(_i: int, _block: nn.Module, _hidden) -> None:
-            layers, stats = current
+            matrices, stats = current
             recording.close()  # this block's hooks off; the stack takes the next block's
-            weights = {name: weight_view(layer) for name, layer in layers.items()}
+            weights = {name: matrix.weight for name, matrix in matrices.items()}
             values.append(measure(weights, stats))
             sizes.append(sum(W.numel() for W in weights.values()))
 
@@ -238,6 +370,6 @@ def _survey(model: nn.Module, calibration: torch.Tensor | None, measure, config:
 
 
 def _block_state(model: nn.Module, block: nn.Module) -> dict[str, torch.Tensor]:
-    """The block's stored tensors under their full names (as save_pretrained names them)."""
+    """The block's stored tensors under their full names, as save_pretrained names them."""
     prefix = next(name for name, m in model.named_modules() if m is block)
-    return {f"{prefix}.{name}": t for name, t in block.state_dict().items()}
+    return checkpoint_names(model, {f"{prefix}.{name}": t for name, t in block.state_dict().items()})

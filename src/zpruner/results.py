@@ -50,6 +50,7 @@ class RunResult:
     perplexity_protocol: dict[str, Any] | None = None
     zero_shot: dict[str, Any] | None = None
     sparsity: dict[str, Any] | None = None
+    experts: dict[str, Any] | None = None  # per MoE experts module: routed tokens, fallbacks, removed experts
     timings_s: dict[str, float] | None = None
     non_finite: list[str] | None = None
     run_key: str | None = None

@@ -106,6 +106,20 @@ def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool)
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
 
 
+def warn_partial(sparsity: dict, pruned: bool) -> None:
+    """One line when the pruned matrices are less than 90 % of the blocks' weights: what was
+    left alone, so that no one reads a sparsity over part of the model as the model's."""
+    share = sparsity.get("pruned_share", 1.0)
+    if not pruned or share >= 0.9:
+        return
+    reasons: dict[str, int] = {}
+    for why in sparsity["left_alone"].values():
+        reasons[why] = reasons.get(why, 0) + 1
+    left = "; ".join(f"{why} ({n} tensor{'s' if n > 1 else ''})" for why, n in sorted(reasons.items()))
+    log.warning("the pruned matrices hold %.1f %% of the blocks' weights: %.2f %% of all block weights are zero; "
+                "left alone: %s", 100 * share, 100 * sparsity["all_block_weights"], left)
+
+
 def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:
     """Before pruning: the evaluation text must hold one window."""
     if tokens.shape[1] < seqlen:
@@ -188,9 +202,17 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
             results["block_sparsity"] = report.block_sparsity
         measure("")
     if workspace.streamed:  # counted as each block was pruned, or read (zpruner eval)
-        results["sparsity"] = sparsity_of(model, report.sparsity if report else workspace.blocks.zero_fractions())
+        results["sparsity"] = sparsity_of(*((report.sparsity, report.counts) if report else workspace.blocks.counted()))
     else:
         results["sparsity"] = measure_sparsity(model)
+    if report is not None and report.experts:
+        results["experts"] = report.experts
+        removed = sum(entry.get("removed_weights", 0) for entry in report.experts.values())
+        if removed:  # of the blocks' weights before experts were removed: zeros and removed experts together
+            s = results["sparsity"]
+            total = s["all_block_weights_total"] + removed
+            s["removed_with_experts"] = (s["all_block_weights"] * s["all_block_weights_total"] + removed) / total
+    warn_partial(results["sparsity"], config.prune is not None)
     results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
     results["offload"] = workspace.mode
     # the process's own high-water mark (Linux reports KiB): what this run needed, measured not estimated

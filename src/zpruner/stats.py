@@ -1,8 +1,9 @@
 """Activation statistics of a layer's inputs over calibration tokens, in float32.
 
-One accumulator per linear layer: running Σx, Σx² and the token count, plus XᵀX when a
+One accumulator per prunable matrix: running Σx, Σx² and the token count, plus XᵀX when a
 method needs a Hessian. Linear and Conv1D both take inputs [..., d_in]; the reshaping to
-[tokens, d_in] is written here once.
+[tokens, d_in] is written here once. An expert's matrices see only the tokens routed to it
+(``zpruner.experts.observed``).
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from . import gram
-from .layers import weight_view
+from .experts import Experts, check_seen, observed
+from .layers import Matrix
 
 
 _states = itertools.count(1)  # tokens of XᵀX accumulator contents; 0 is the zero matrix
@@ -133,26 +134,76 @@ class ActivationStats:
         return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0)
 
 
+    def absorb(self, other: "ActivationStats") -> None:
+        """Add another accumulator's sums (the same d_in) to this one's."""
+        self.count += other.count
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+        if self._xtx is not None and other._xtx is not None:
+            self.xtx.add_(other.xtx.to(self._xtx.device))
+            self.xtx_changed()
+
+
+def pooled(accs: list[ActivationStats]) -> ActivationStats:
+    """One accumulator holding the sums of ``accs`` (every token any of them saw)."""
+    first = accs[0]
+    out = ActivationStats(first.sum.numel(), first.sum.device, first._xtx is not None)
+    for acc in accs:
+        out.absorb(acc)
+    return out
+
+
+class Recorded(dict):
+    """Matrix name -> its ActivationStats, and in ``tokens`` how many input rows each matrix
+    itself received (pooled accumulators count every expert's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: dict[str, int] = {}
+
+
 @contextmanager
-def record_inputs(layers: dict[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, ActivationStats]]:
-    """Accumulate the inputs of ``layers`` during every forward run inside the block."""
-    stats, handles = {}, []
+def record_inputs(matrices: dict[str, Matrix], hessian: bool = False,
+                  pool_experts: bool = False) -> Iterator[Recorded]:
+    """Accumulate the inputs of ``matrices`` during every forward run inside the block: a
+    linear layer's every input, an expert's the tokens routed to it. With ``pool_experts``
+    the experts of one fused parameter (or one expert list position) share one accumulator:
+    every token any of them saw (``--expert-stats pooled``)."""
+    stats = Recorded()
+    shared: dict[str, ActivationStats] = {}
+    handles = []
     last: list[Contribution] = []  # the latest input's sums; holds its tensor so identity stays meaningful
 
-    def hook(acc: ActivationStats, x: torch.Tensor) -> None:
+    def hook(name: str, acc: ActivationStats, x: torch.Tensor) -> None:
         if not (last and last[0].serves(x, acc.sum.device, hessian)):
             last[:] = [Contribution.of(x, acc.sum.device, hessian)]
         acc.merge(last[0])
+        stats.tokens[name] += last[0].count
 
-    for name, layer in layers.items():
-        d_in = weight_view(layer).shape[1]
-        acc = ActivationStats(d_in, layer.weight.device, hessian)
+    for name, matrix in matrices.items():
+        d_in = matrix.weight.shape[1]
+        if pool_experts and matrix.group is not None:
+            acc = shared.setdefault(matrix.group, ActivationStats(d_in, matrix.stored.device, hessian))
+        else:
+            acc = ActivationStats(d_in, matrix.stored.device, hessian)
         stats[name] = acc
-        # a pre-hook: it sees the input even when the pass stops before the layer runs
-        # (engine ``forward(inputs_of=...)``)
-        handles.append(layer.register_forward_pre_hook(lambda _m, inputs, acc=acc: hook(acc, inputs[0])))
+        stats.tokens[name] = 0
+        if matrix.layer is not None:
+            # a pre-hook: it sees the input even when the pass stops before the layer runs
+            # (engine ``forward(inputs_of=...)``)
+            handles.append(matrix.layer.register_forward_pre_hook(
+                lambda _m, inputs, name=name, acc=acc: hook(name, acc, inputs[0])))
+
+    def on_input(experts: Experts, param: str, expert: int, x: torch.Tensor, _transposed: bool) -> None:
+        name = experts.matrix_name(param, expert)
+        stats[name].add(x)
+        stats.tokens[name] += x.shape[0]
+
+    fused = {id(m.experts): m.experts for m in matrices.values() if m.expert is not None}
     try:
-        yield stats
+        with observed(list(fused.values()), on_input) as watches:
+            yield stats
+        check_seen(watches)
     finally:
         last.clear()
         for handle in handles:

@@ -14,7 +14,7 @@ def format_summary(results: RunResult | dict) -> str:
         if result.block_sparsity:
             b = result.block_sparsity
             lines.append(f"allocation  {p.get('allocation')}: block sparsity {100 * min(b):.1f} % to {100 * max(b):.1f} %")
-    lines.append(f"sparsity    {100 * result.sparsity['overall']:.2f} % of block linear weights are zero")
+    lines += _sparsity_lines(result)
     for prefix, label in (("dense_", "dense"), ("", "pruned" if p else "model")):
         proto = result.ppl_protocol(prefix)
         if proto:
@@ -23,6 +23,27 @@ def format_summary(results: RunResult | dict) -> str:
     lines += _zero_shot_table(result)
     lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
     return "\n".join(lines)
+
+
+def _sparsity_lines(result: RunResult) -> list[str]:
+    """Zeros over the pruned matrices and over every block weight, both counted from the
+    weights (results written before the second count have only the first)."""
+    s = result.sparsity
+    if "all_block_weights" not in s:
+        return [f"sparsity    {100 * s['overall']:.2f} % of block linear weights are zero"]
+    lines = [f"sparsity    {100 * s['overall']:.2f} % of the pruned matrices are zero; "
+             f"{100 * s['all_block_weights']:.2f} % of all block weights (the pruned matrices hold "
+             f"{100 * s['pruned_share']:.1f} % of them)"]
+    reasons = sorted(set(s.get("left_alone", {}).values()))
+    if reasons:
+        lines.append(f"left alone  {'; '.join(reasons)}")
+    removed = [e for e in (result.experts or {}).values() if e.get("removed")]
+    if removed:
+        counts = sorted({(len(e["removed"]), e["count"]) for e in removed})
+        each = ", ".join(f"{r} of {c}" for r, c in counts)
+        lines.append(f"experts     removed {each} routed experts in {len(removed)} MoE blocks ({removed[0]['score']}); "
+                     f"{100 * s['removed_with_experts']:.2f} % of the blocks' original weights are gone")
+    return lines
 
 
 def _zero_shot_table(result: RunResult) -> list[str]:

@@ -39,7 +39,7 @@ AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "s
 # registered methods' constants (zpruner.registry.constants) are settings too.
 FIXED_SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows",
                   "eval_batch_size", "tasks", "limit", "batch_size", "dense", "dtype", "device", "group",
-                  "calib_batch_size", "reallocate", "allocation")
+                  "calib_batch_size", "reallocate", "allocation", "prune_experts", "expert_score", "expert_stats")
 
 
 def settings() -> tuple[str, ...]:

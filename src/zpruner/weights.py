@@ -7,6 +7,7 @@ work are ever materialised (see ``offload.py``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import defaultdict
@@ -25,10 +26,16 @@ INDEX = "model.safetensors.index.json"
 
 class WeightSource:
     """The tensors of a model folder by name (``model.safetensors`` or sharded with an
-    index), read on demand; names are matched to a model's own parameter names with or
-    without its base-model prefix (GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+    index), read on demand.
 
-    def __init__(self, folder: str | os.PathLike, prefix: str = ""):
+    Given the ``model`` (built without weights) they are found the way ``from_pretrained``
+    finds them: through transformers' checkpoint conversions, so that a mixture-of-experts
+    checkpoint that stores one tensor per expert (``experts.3.w1.weight``) gives the model's
+    fused parameter (``experts.gate_up_proj``), merged by transformers' own operations.
+    Without a model, names are matched with or without the base-model prefix (GPT-2
+    checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str = "", model: nn.Module | None = None):
         self.folder, self.prefix = Path(folder), prefix
         self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.folder / INDEX
@@ -39,15 +46,37 @@ class WeightSource:
         else:
             for path in sorted(self.folder.glob("*.safetensors")):
                 try:
-                    with safe_open(path, framework="pt") as f:
+                    with safe_open(path, framework="pt") as f:  # checks the header and the data's length
                         self.files.update(dict.fromkeys(f.keys(), path))
                 except (SafetensorError, OSError) as exc:
                     raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
         if not self.files:
             raise ZprunerError(f"{self.folder} has no safetensors weights")
+        self.model = model
+        # the model's tensor name -> its stored name, or (converter, [(source pattern, stored name)])
+        self.plan: dict[str, str | tuple] = {} if model is None else _conversion_plan(model, list(self.files))
+
+    def _header(self, path: Path) -> tuple[dict, int]:
+        if path not in self._headers:
+            try:
+                self._headers[path] = _header(path)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
+        return self._headers[path]
+
+    def entry(self, stored: str) -> dict:
+        """The header entry (dtype, shape, data_offsets) of the stored tensor ``stored``."""
+        header, _ = self._header(self.files[stored])
+        if stored not in header:
+            raise ZprunerError(f"{self.files[stored]} lacks the tensor {stored} its index names; save the model again")
+        return header[stored]
 
     def resolve(self, name: str) -> str | None:
-        """The stored name of the model's tensor ``name``, or None."""
+        """The stored name of the model's tensor ``name`` (the name itself when it is made
+        from several stored tensors), or None."""
+        if self.model is not None:
+            found = self.plan.get(name)
+            return found if isinstance(found, str) else name if found is not None else None
         if name in self.files:
             return name
         if self.prefix and name.startswith(self.prefix + "."):
@@ -58,17 +87,29 @@ class WeightSource:
 
     def read_one(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The model's tensor ``name`` as a new CPU tensor, floating ones in ``dtype`` and
-        checked finite, read in chunks of ``CHUNK_BYTES`` with plain reads at the offsets the
-        safetensors header gives. Not through safetensors' memory map: its pages count as the
-        process's memory while the file is open, and a whole stored copy beside the converted
-        one would double the peak; here the peak is the converted tensor plus one chunk."""
+        checked finite. A tensor made from several stored ones (an expert merge) is made by
+        its transformers conversion from them, each cast to ``dtype`` first, as loading does."""
+        planned = self.plan.get(name) if self.model is not None else None
+        if isinstance(planned, tuple):
+            converter, sources = planned
+            converter = copy.deepcopy(converter)
+            for pattern, stored in sources:
+                converter.add_tensor(name, stored, pattern, self._read_stored(stored, name, dtype))
+            return _converted(converter, name, self.model)
         stored = self.resolve(name)
         if stored is None:
             raise ZprunerError(f"{self.folder} lacks the weight {name}; the folder does not match its config.json")
+        return self._read_stored(stored, name, dtype)
+
+    def _read_stored(self, stored: str, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The stored tensor ``stored`` read in chunks of ``CHUNK_BYTES`` with plain reads at
+        the offsets the safetensors header gives. Not through safetensors' memory map: its
+        pages count as the process's memory while the file is open, and a whole stored copy
+        beside the converted one would double the peak; here the peak is the converted tensor
+        plus one chunk."""
         path = self.files[stored]
         try:
-            header, data_start = self._headers[path] if path in self._headers else _header(path)
-            self._headers[path] = (header, data_start)
+            header, data_start = self._header(path)
             entry = header[stored]
             source_dtype = _DTYPES[entry["dtype"]]
             begin, end = entry["data_offsets"]
@@ -112,6 +153,113 @@ class WeightSource:
             except (SafetensorError, OSError) as exc:
                 raise ZprunerError(f"weights file {path} is damaged or cut short ({exc})") from None
         return out
+
+
+def _conversion_plan(model: nn.Module, stored: list[str]) -> dict[str, str | tuple]:
+    """For each of the model's tensors, where ``from_pretrained`` would take it from: a stored
+    name (renamed or not), or a converter and its stored sources in loading order."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    plan: dict[str, str | tuple] = {}
+    for key in sorted(stored, key=dot_natural_key):  # the order loading collects experts in
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = rename_source_key(key, [], [], prefix, meta)
+        if target not in meta:
+            continue  # a tensor the model has no place for (unused heads, an MTP layer)
+        if pattern is None:
+            plan[target] = key
+        else:
+            plan.setdefault(target, (by_pattern[pattern], []))[1].append((pattern, key))
+    return plan
+
+
+def _converted(converter, name: str, model: nn.Module) -> torch.Tensor:
+    """The tensor ``name`` from a converter holding its sources (transformers' operations)."""
+    try:
+        out = converter.convert(name, model=model, config=getattr(model, "config", None))
+        value = out[name]
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        raise ZprunerError(f"the stored tensors of {name} do not convert to the model's ({type(exc).__name__}: "
+                           f"{exc}); the folder does not match its config.json") from None
+    return value[0] if isinstance(value, list) else value
+
+
+def check_weights(model: nn.Module, source: WeightSource) -> None:
+    """Every parameter of the model (built without weights) has stored tensors of its shape,
+    checked from the headers alone: a missing or misshapen weight is one line naming it,
+    before any work (``from_pretrained`` would fill a missing one with random values)."""
+    tied = _tied_names(model)
+    missing, misshapen = [], []
+    for name, param in model.named_parameters():
+        planned = source.plan.get(name)
+        if planned is None:
+            if name not in tied:
+                missing.append(name)
+            continue
+        if isinstance(planned, str):
+            shape = list(source.entry(planned)["shape"])
+        else:
+            converter, sources = copy.deepcopy(planned[0]), planned[1]
+            for pattern, stored in sources:
+                meta = torch.empty(source.entry(stored)["shape"], device="meta")
+                converter.add_tensor(name, stored, pattern, meta)
+            shape = list(_converted(converter, name, model).shape)
+        if shape != list(param.shape):
+            misshapen.append(f"{name} is stored as {tuple(shape)}, the model needs {tuple(param.shape)}")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ZprunerError(f"{source.folder} lacks the weights {', '.join(missing[:3])}{more}; the folder does not "
+                           "match its config.json (download or save the model again)")
+    if misshapen:
+        raise ZprunerError(f"{source.folder}: {misshapen[0]}; the weights do not match config.json")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameters the model ties to another one (an LM head tied to the embeddings), which a
+    checkpoint stores once."""
+    names = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if output is not None and getattr(config, "tie_word_embeddings", False):
+        names |= {f"{n}.weight" for n, m in model.named_modules() if m is output}
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    names |= set(tied) if isinstance(tied, (dict, list, set, tuple)) else set()
+    return names
+
+
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (the model's names) as ``save_pretrained`` stores them: transformers'
+    conversions reversed (a fused expert parameter split back into one tensor per expert)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if not hasattr(model, "config"):
+        return tensors
+    return revert_weight_conversion(model, tensors)
+
+
+def stored_layer_count(names: list[str]) -> tuple[str, int] | None:
+    """(the prefix of the stored block list, how many blocks its tensors number), read from
+    the stored names: the path before an integer component that counts the most distinct
+    indices (``model.layers`` in ``model.layers.7.mlp...``); None without numbered tensors."""
+    indices: dict[str, set[int]] = defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for k, part in enumerate(parts):
+            if part.isdigit():
+                indices[".".join(parts[:k])].add(int(part))
+                break
+    if not indices:
+        return None
+    prefix = max(indices, key=lambda p: len(indices[p]))
+    return prefix, max(indices[prefix]) + 1
 
 
 # Bytes read at a time by WeightSource.read_one

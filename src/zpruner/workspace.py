@@ -68,8 +68,8 @@ class Workspace:
         if mode == "disk":
             self.model, self.tokenizer = skeleton, tokenizer
             prefix = getattr(skeleton, "base_model_prefix", "")
-            self._dense_blocks = offload.StreamedBlocks(skeleton, device, WeightSource(local_weights(source), prefix),
-                                                        dtype)
+            self._dense_blocks = offload.StreamedBlocks(
+                skeleton, device, WeightSource(local_weights(source), prefix, skeleton), dtype)
         else:
             del skeleton
             if mode == "cpu" and device.type != "cpu":
@@ -107,7 +107,7 @@ class Workspace:
         if self.streamed:
             dense = self._dense_blocks
             self.blocks = offload.StreamedBlocks(self.model, dense.device, dense.source, dense.dtype,
-                                                 block_source=WeightSource(work.path))
+                                                 block_source=WeightSource(work.path, model=self.model))
         return report
 
     @property
