@@ -50,21 +50,19 @@ def experts_to_keep(scores: list[float], fraction: float) -> list[int]:
 
 
 def remove_experts(block: nn.Module, ex: Experts, keep: list[int]) -> int:
-    """Keep only the experts ``keep`` of ``ex`` in ``block``: the fused parameters' rows (or
-    the ModuleList's entries), the router's rows and tensors indexed by expert, and the
-    modules' expert counts. The caller updates the model's config. Returns how many weights
-    of two or more dimensions went."""
+    """Keep only the experts ``keep`` of ``ex`` in ``block``: the fused parameters' rows, the
+    router's rows and tensors indexed by expert, and the modules' expert counts (top-k
+    lowered to the experts left if needed). The caller updates the model's config. Returns
+    how many weights of two or more dimensions went."""
+    if not ex.fused:
+        raise ZprunerError(f"--prune-experts: the experts at {ex.name} are a list of modules; zpruner removes "
+                           "experts stored as fused parameters only")
     index = torch.tensor(keep, dtype=torch.long)
     before = ex.count
     size_before = _block_weights(block)
     with torch.no_grad():
-        if ex.fused:
-            for name in ex.params:
-                _replace(ex.module, name, getattr(ex.module, name), 0, index)
-        else:
-            kept = nn.ModuleList(ex.module[i] for i in keep)
-            _set_submodule(block, ex.name, kept)
-            ex.module = kept
+        for name in ex.params:
+            _replace(ex.module, name, getattr(ex.module, name), 0, index)
         for tensor_name in router_tensors(block, [ex]):
             owner_name, _, attr = tensor_name.rpartition(".")
             owner = block.get_submodule(owner_name) if owner_name else block
@@ -75,8 +73,11 @@ def remove_experts(block: nn.Module, ex: Experts, keep: list[int]) -> int:
             if isinstance(module, nn.Linear) and module.out_features == before:
                 module.out_features = len(keep)
             for attr, value in list(vars(module).items()):
-                if not attr.startswith("_") and "expert" in attr and "per_tok" not in attr and value == before \
-                        and isinstance(value, int) and not isinstance(value, bool):
+                if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
+                    continue
+                if "expert" in attr and "per_tok" not in attr and value == before:
+                    setattr(module, attr, len(keep))
+                elif attr in ("top_k", "num_experts_per_tok") and value > len(keep):
                     setattr(module, attr, len(keep))
     ex.count = len(keep)
     return size_before - _block_weights(block)
@@ -92,11 +93,6 @@ def _replace(owner: nn.Module, attr: str, tensor: torch.Tensor, dim: int, index:
         setattr(owner, attr, nn.Parameter(kept, requires_grad=tensor.requires_grad))
     else:
         owner._buffers[attr] = kept
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def update_config(config, before: int, after: int) -> list[str]:

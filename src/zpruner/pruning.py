@@ -230,9 +230,6 @@ class _BlockStep:
             forward()
         check_seen(watches)
         for ex in experts:
-            if not ex.fused:
-                raise ZprunerError(f"--prune-experts: the experts of {type(block).__name__} are a list of modules; "
-                                   "zpruner removes experts stored as fused parameters only")
             tally = tallies[ex.name]
             scores = tally.score(config.expert_score, config.seed + i)
             keep = experts_to_keep(scores, config.prune_experts)
