@@ -70,17 +70,28 @@ def remove_experts(block: nn.Module, ex: Experts, keep: list[int]) -> int:
             if before in tensor.shape:
                 _replace(owner, attr, tensor, list(tensor.shape).index(before), index)
         for module in ex.parent.modules():
-            if isinstance(module, nn.Linear) and module.out_features == before:
-                module.out_features = len(keep)
-            for attr, value in list(vars(module).items()):
-                if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
-                    continue
-                if "expert" in attr and "per_tok" not in attr and value == before:
-                    setattr(module, attr, len(keep))
-                elif attr in ("top_k", "num_experts_per_tok") and value > len(keep):
-                    setattr(module, attr, len(keep))
+            _recount(module, before, len(keep))
     ex.count = len(keep)
     return size_before - _block_weights(block)
+
+
+def _recount(module: nn.Module, before: int, after: int) -> None:
+    """A module's expert counts from ``before`` to ``after`` (a router's output features,
+    attributes named for experts) and its top-k at most ``after``."""
+    if isinstance(module, nn.Linear) and module.out_features == before:
+        module.out_features = after
+    for attr, value in list(vars(module).items()):
+        if _counts_routed_experts(attr, value, before):
+            setattr(module, attr, after)
+        elif attr in ("top_k", "num_experts_per_tok") and isinstance(value, int) and value > after:
+            setattr(module, attr, after)
+
+
+def _counts_routed_experts(attr: str, value, count: int) -> bool:
+    """Whether the attribute ``attr`` is the number of routed experts (``count``): an int
+    named for experts, not a per-token or shared-expert count."""
+    return (not attr.startswith("_") and isinstance(value, int) and not isinstance(value, bool) and value == count
+            and "expert" in attr and "per_tok" not in attr and "shared" not in attr)
 
 
 def _block_weights(block: nn.Module) -> int:
@@ -100,9 +111,7 @@ def update_config(config, before: int, after: int) -> list[str]:
     ``before`` to ``after``; top-k kept <= ``after``. Returns the fields changed."""
     changed = []
     for attr, value in list(vars(config).items()):
-        if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
-            continue
-        if "expert" in attr and "per_tok" not in attr and "shared" not in attr and value == before:
+        if _counts_routed_experts(attr, value, before):
             setattr(config, attr, after)
             changed.append(attr)
     top_k = getattr(config, "num_experts_per_tok", None)
