@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ZprunerError
-from .io import dumps_json, save_folder_atomic, write_atomic
+from .io import (discard_temporary, dumps_json, make_temporary, remove_stale_temporaries, save_folder_atomic, unmark,
+                 write_atomic)
 from .layers import iter_prunable
 from .weights import write_index, write_shard
 
@@ -70,6 +71,11 @@ def default_work_dir(save: str | None, output_json: str | None, model: str) -> P
     return Path(tempfile.gettempdir()) / f"zpruner-work-{tag}"
 
 
+def _temp_prefix(work: Path) -> str:
+    """The name of a work folder being created (hidden: it is no checkpoint yet)."""
+    return f".{work.name}.tmp-"
+
+
 def _metadata(path: Path) -> dict[str, str] | None:
     """A safetensors file's metadata, or None when the file is missing or not whole."""
     try:
@@ -90,6 +96,8 @@ class WorkDir:
         state_file = path / STATE / STATE_FILE
         if path.exists() and not path.is_dir():
             raise ZprunerError(f"the work folder {path} is a file; give a folder as --work-dir")
+        # a work folder killed while being created holds an empty state: nothing worth a notice
+        remove_stale_temporaries(path, _temp_prefix(path), logging.DEBUG)
         self._lock = self._take_lock() if path.is_dir() else None
         if state_file.is_file():
             state = self._read_state(state_file, options)
@@ -149,7 +157,7 @@ class WorkDir:
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=parent))
+            tmp = make_temporary(parent, _temp_prefix(self.path))
         except OSError as exc:
             raise ZprunerError(f"cannot create the work folder {self.path} ({exc.strerror}); give a writable "
                                "--work-dir") from None
@@ -158,8 +166,9 @@ class WorkDir:
             write_atomic(tmp / STATE / STATE_FILE, self._state_bytes)
             os.rename(tmp, self.path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_temporary(tmp)
             raise
+        unmark(self.path)
         self._lock = self._take_lock()
 
     def _refuse(self, why: str) -> ZprunerError:

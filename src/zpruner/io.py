@@ -4,16 +4,19 @@ Every file goes to a sibling temporary name and is renamed into place when compl
 rename within one folder is atomic). A model folder is written beside its target and
 swapped in; an existing folder is replaced only when it is a previous zpruner output and
 the caller allows it, and never goes missing on Linux (the two folders are exchanged
-atomically with ``renameat2``). Temporary folders carry the writer's process id in their
-name, so the next run can tell a killed run's leftovers from a running one's.
+atomically with ``renameat2``). A temporary folder carries the writer's process id and a
+random token in its name and in a marker file inside, so the next run removes a killed
+run's leftovers, never a running one's, nor a user's folder that merely has a similar name.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from .errors import ZprunerError
 log = logging.getLogger(__name__)
 
 MANIFEST = "zpruner.json"  # written last into every saved model: marks a complete zpruner output
-_PARTIAL = ".zpruner-partial"  # written first into every temporary model folder
+_PARTIAL = ".zpruner-partial"  # the marker of a temporary folder: the pid and token of its name
 
 
 def _umask() -> int:
@@ -126,10 +129,51 @@ def check_model_target(value: str | os.PathLike, overwrite: bool, option: str = 
     return path
 
 
-# ---------------------------------------------------------------- model folders
+# ---------------------------------------------------------------- temporary folders
 
 def _temp_prefix(target: Path) -> str:
     return f"{target.name}.tmp-"
+
+
+def _mark(folder: Path, pid: int, token: str) -> None:
+    """Write the marker that proves zpruner made ``folder`` to be removed under the name
+    ``...<pid>-<token>`` (see ``_proven_pid``)."""
+    (folder / _PARTIAL).write_text(json.dumps({"pid": pid, "token": token}) + "\n")
+
+
+def make_temporary(parent: Path, prefix: str) -> Path:
+    """A new folder ``<prefix><pid>-<token>`` in ``parent`` (mode 0700), marked as zpruner's:
+    the token is random, so no folder a user named can carry the same name and marker."""
+    while True:
+        token = secrets.token_hex(8)
+        folder = parent / f"{prefix}{os.getpid()}-{token}"
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        _mark(folder, os.getpid(), token)
+        return folder
+
+
+def unmark(folder: Path) -> None:
+    """The marker out of a folder that took its final name (it is not a temporary any more)."""
+    (folder / _PARTIAL).unlink(missing_ok=True)
+
+
+def _proven_pid(entry: Path, prefix: str) -> int | None:
+    """The process that made the temporary folder ``entry``, when its marker proves that
+    zpruner made it: a marker whose pid and token are exactly those of the folder's name.
+    A name that merely matches (a user's ``model.tmp-20240101-backup``) proves nothing."""
+    if entry.is_symlink() or not entry.is_dir():
+        return None
+    try:
+        marker = json.loads((entry / _PARTIAL).read_text(encoding="utf-8"))
+        pid, token = marker["pid"], marker["token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (type(pid) is int and isinstance(token, str) and entry.name == f"{prefix}{pid}-{token}"):
+        return None
+    return pid
 
 
 def _alive(pid: int) -> bool:
@@ -142,23 +186,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete temporary folders of ``target`` left by killed zpruner runs: named
-    ``<target>.tmp-<pid>-*``, holding zpruner's partial marker or manifest, their process
-    gone. Returns what was removed."""
+def discard_temporary(folder: Path) -> None:
+    """Remove a marked temporary folder, its marker last: a removal cut short by a kill
+    leaves a folder that is still provably zpruner's, which the next run removes."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        if entry.name == _PARTIAL:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    unmark(folder)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something appeared meanwhile: left in place rather than removed unseen
+
+
+def remove_stale_temporaries(target: Path, prefix: str | None = None, level: int = logging.WARNING) -> list[Path]:
+    """Delete the temporary folders of ``target`` (named ``<prefix><pid>-<token>``, by
+    default ``<target>.tmp-``) that killed zpruner runs left: only those whose marker proves
+    zpruner made them, and whose process is gone; each said in a log line at ``level``.
+    Returns what was removed."""
+    prefix = _temp_prefix(target) if prefix is None else prefix
     removed = []
     if not target.parent.is_dir():
         return removed
-    for entry in target.parent.glob(_temp_prefix(target) + "*"):
-        pid_text = entry.name[len(_temp_prefix(target)):].split("-", 1)[0]
-        ours = entry.is_dir() and ((entry / _PARTIAL).is_file() or (entry / MANIFEST).is_file())
-        if not (ours and pid_text.isdigit()) or _alive(int(pid_text)):
+    for entry in sorted(target.parent.glob(glob.escape(prefix) + "*")):
+        pid = _proven_pid(entry, prefix)
+        if pid is None or _alive(pid):
             continue
-        shutil.rmtree(entry, ignore_errors=True)
-        log.warning("removed %s, left by an interrupted zpruner run", entry)
+        discard_temporary(entry)
+        log.log(level, "removed %s, left by an interrupted zpruner run", entry)
         removed.append(entry)
     return removed
 
+
+# ---------------------------------------------------------------- model folders
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
@@ -175,6 +241,34 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def _token(temporary: Path) -> str:
+    return temporary.name.rsplit("-", 1)[1]
+
+
+def _put_in_place(tmp: Path, target: Path) -> Path | None:
+    """Move the finished folder ``tmp`` to ``target``; returns the folder left to remove (an
+    earlier output at ``target``, moved under a marked temporary name), or None."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return None
+    if not any(target.iterdir()):
+        os.replace(tmp, target)  # rename(2) replaces an empty folder atomically
+        return None
+    # the earlier output takes tmp's name: marked first, so a kill right after the exchange
+    # leaves it provably zpruner's (the mark in the new output is removed below)
+    _mark(target, os.getpid(), _token(tmp))
+    if _exchange(tmp, target):
+        return tmp
+    # no atomic exchange here: the earlier output is moved aside first, under a marked
+    # temporary name of its own, so a kill in between loses nothing
+    token = secrets.token_hex(8)
+    aside = target.parent / f"{_temp_prefix(target)}{os.getpid()}-{token}"
+    _mark(target, os.getpid(), token)
+    os.rename(target, aside)
+    os.rename(tmp, target)
+    return aside
+
+
 def save_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None], manifest: dict,
                        overwrite: bool = False) -> Path:
     """Fill a new folder with ``write(folder)`` plus ``zpruner.json`` and put it at ``target``.
@@ -182,28 +276,17 @@ def save_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None],
     ``target`` is checked again (``check_model_target``): a folder with foreign files is
     never touched, a previous zpruner output is replaced only with ``overwrite``."""
     target = check_model_target(target, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
+    tmp = make_temporary(target.parent, _temp_prefix(target))
+    leftover = tmp
     try:
-        (tmp / _PARTIAL).touch()
         _open_mode(tmp, 0o777)
         write(tmp)
-        (tmp / _PARTIAL).unlink()
         (tmp / MANIFEST).write_text(dumps_json(manifest, indent=2) + "\n")
-        if target.is_dir() and _exchange(tmp, target):
-            pass  # tmp now holds the previous output, removed below
-        elif target.is_dir() and not any(target.iterdir()):
-            os.replace(tmp, target)  # rename(2) replaces an empty folder atomically
-        elif target.exists():
-            # no atomic exchange here: the previous output is moved aside first (it stays under
-            # the temporary name until removed below, so a kill in between loses nothing new)
-            aside = target.with_name(f"{tmp.name}-old")
-            os.rename(target, aside)
-            os.rename(tmp, target)
-            tmp = aside
-        else:
-            os.rename(tmp, target)
+        leftover = _put_in_place(tmp, target)
+        unmark(target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if leftover is not None:
+            discard_temporary(leftover)
     return target
 
 
@@ -212,10 +295,12 @@ def create_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None
     """Create the new folder ``target`` with ``write(folder)`` in a temporary sibling, then
     one rename, so no reader ever sees it half written (a shared cache). When another process
     created ``target`` meanwhile, theirs is kept if ``accept_existing(target)``; else the
-    rename's error is raised."""
+    rename's error is raised. ``write`` finds zpruner's hidden marker in the folder: what it
+    records of the folder's files should leave out hidden ones."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = make_temporary(target.parent, _temp_prefix(target))
     try:
         _open_mode(tmp, 0o777)
         write(tmp)
@@ -224,6 +309,8 @@ def create_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None
         except OSError:
             if not accept_existing(target):
                 raise
+        else:
+            unmark(target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temporary(tmp)
     return target

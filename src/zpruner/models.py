@@ -162,7 +162,8 @@ def convert_gguf(path: Path) -> Path:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        # hidden files are zpruner's marker of an unfinished folder, not part of the copy
+        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
         (folder / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path), "files": files}) + "\n")
 
     # another process may finish the same conversion first: its complete copy is as good
