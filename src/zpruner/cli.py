@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="DIR",
                    help="folder for report.md and the PNG files; default: the first results file's folder")
     r.add_argument("--title", help="the report's heading")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a report.md or PNG in --out that zpruner report did not write (or that was edited "
+                        "since); without it such a file stops the report. An unedited report of its own is always "
+                        "replaced")
     return parser
 
 
@@ -339,7 +343,7 @@ def report_main(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else Path(args.results[0]).expanduser().parent
     check_output_folder("--out", out)
-    for path in write_report(args.results, out, args.title):
+    for path in write_report(args.results, out, args.title, args.overwrite):
         print(path)
     return 0
 

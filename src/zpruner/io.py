@@ -18,10 +18,13 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from safetensors import SafetensorError
 
 from .errors import ZprunerError
 
@@ -43,17 +46,52 @@ def _open_mode(path: Path, mode: int) -> None:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary sibling of ``path``, then rename it into place."""
+    """Call ``write`` on a temporary sibling of ``path``, then rename it into place. A link,
+    device or pipe at ``path`` is refused (checked again here: the run may have been long);
+    a failed write's error names ``path``."""
     path = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    refuse_special("output", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         _open_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none (a write's ENOSPC names no file)."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(path))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an error of the disk: the path, what happened, what to do."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return f"{where}{reason} (the disk is full); free space there or choose another place"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{reason} (not writable); choose another place"
+    return f"{where}{reason}"
+
+
+def write_failure(what: str, exc: Exception) -> ZprunerError:
+    """A failed write of ``what`` (an OSError, or safetensors' error for the same causes) as one line."""
+    reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+    if "No space left" in reason and "disk is full" not in reason:
+        reason += " (the disk is full); free space there or choose another place"
+    return ZprunerError(f"could not write {what}: {reason}")
 
 
 def dumps_json(payload, **kwargs) -> str:
@@ -69,42 +107,103 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds results zpruner wrote (``--output-json``): a JSON object with
+    the run's ``config`` and ``versions``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and "versions" in data
+
+
 # ---------------------------------------------------------------- checks before any work
+
+_NOT_REGULAR = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _special_kind(path: Path) -> str | None:
+    """What is at ``path`` when zpruner must not write there: a link (followed, a write could
+    replace ``/dev/null`` or land anywhere), a device, a pipe or a socket. None for nothing,
+    a regular file or a folder."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for test, kind in _NOT_REGULAR:
+        if test(mode):
+            return f"{kind} to {os.readlink(path)}" if test is stat.S_ISLNK else kind
+    return None
+
+
+def refuse_special(option: str, path: Path) -> None:
+    kind = _special_kind(path)
+    if kind is not None:
+        raise ZprunerError(f"{option} {path} is {kind}; zpruner writes only regular files and folders of its own: "
+                           "give a new path")
+
+
+def _unfollowed(value: str | os.PathLike) -> Path:
+    """``value`` as an absolute path whose last part is not followed if it is a link."""
+    path = Path(value).expanduser()
+    if path.name in ("", ".", ".."):
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
 
 def _check_parent(option: str, path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
+        existing = _nearest_existing(parent)
+        if existing.exists() and not existing.is_dir():
+            raise ZprunerError(f"{option} {path}: {existing} is a file, not a folder; give a path inside a folder")
         raise ZprunerError(f"{option} {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ZprunerError(f"{option} {path}: folder {parent} is not writable; choose another place")
 
 
-def check_output_file(option: str, value: str | os.PathLike) -> Path:
-    """A file path the run will write at its end: refused now if that write could not succeed."""
+def check_output_file(option: str, value: str | os.PathLike, own: Callable[[Path], bool] | None = None) -> Path:
+    """A file path the run will write at its end: refused now if that write could not succeed,
+    or would go through a link or into a device. With ``own``, an existing non-empty file is
+    replaced only when ``own(path)`` says zpruner wrote it."""
     if not str(value).strip():
         raise ZprunerError(f"{option} is empty (an unset shell variable?); give a file path")
-    path = Path(value).expanduser().resolve()
+    path = _unfollowed(value)
+    refuse_special(option, path)
     if path.is_dir():
         raise ZprunerError(f"{option} {value} is a folder; give a file path such as {path / 'results.json'}")
     _check_parent(option, path)
     if path.exists() and not os.access(path, os.W_OK):
         raise ZprunerError(f"{option} {value} exists and is not writable; choose another file")
+    if own is not None and path.exists() and path.stat().st_size and not own(path):
+        raise ZprunerError(f"{option} {value} is an existing file that zpruner did not write; zpruner replaces only "
+                           "its own results: give a new file path")
     return path
 
 
 def check_output_folder(option: str, value: str | os.PathLike) -> Path:
-    """A folder the run will write files into (created if missing)."""
+    """A folder the run will write files into (created if missing); a link to a folder is
+    that folder."""
     if not str(value).strip():
         raise ZprunerError(f"{option} is empty (an unset shell variable?); give a folder")
-    path = Path(value).expanduser().resolve()
+    path = _unfollowed(value)
+    if not path.is_dir():
+        refuse_special(option, path)  # a link to no folder, a device
     if path.exists() and not path.is_dir():
         raise ZprunerError(f"{option} {value} is an existing file; give a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise ZprunerError(f"{option} {value}: {existing} is a file, not a folder; give a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ZprunerError(f"{option} {value}: folder {existing} is not writable; choose another place")
-    return path
+    return path.resolve()
 
 
 def check_model_target(value: str | os.PathLike, overwrite: bool, option: str = "--save") -> Path:
@@ -112,7 +211,8 @@ def check_model_target(value: str | os.PathLike, overwrite: bool, option: str = 
     zpruner output. Anything else is refused, so no run can delete a user's files."""
     if not str(value).strip():
         raise ZprunerError(f"{option} is empty (an unset shell variable?); give a new folder for the model")
-    path = Path(value).expanduser().resolve()
+    path = _unfollowed(value)
+    refuse_special(option, path)  # even a link to a folder: the swap would replace the link, not the folder
     if path.exists() and not path.is_dir():
         raise ZprunerError(f"{option} {value} is an existing file; give a new folder for the model")
     _check_parent(option, path)
@@ -280,8 +380,11 @@ def save_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None],
     leftover = tmp
     try:
         _open_mode(tmp, 0o777)
-        write(tmp)
-        (tmp / MANIFEST).write_text(dumps_json(manifest, indent=2) + "\n")
+        try:
+            write(tmp)
+            (tmp / MANIFEST).write_text(dumps_json(manifest, indent=2) + "\n")
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+            raise write_failure(f"the model to {target}", exc) from None
         leftover = _put_in_place(tmp, target)
         unmark(target)
     finally:

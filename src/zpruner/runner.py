@@ -23,7 +23,7 @@ from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
 from .data import token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
+from .io import check_model_target, check_output_file, is_results_file, save_folder_atomic, write_json_atomic
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .results import replace_non_finite, run_key
 from .workspace import Workspace
@@ -59,7 +59,7 @@ class Timer(dict):
 def check_output_paths(config: RunConfig) -> None:
     """Refuse before any work when an output could not be written at the end."""
     if config.output_json is not None:
-        check_output_file("--output-json", config.output_json)
+        check_output_file("--output-json", config.output_json, own=is_results_file)
     if config.save is not None:
         check_model_target(config.save, config.overwrite)
 
