@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 
 from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
@@ -16,19 +17,39 @@ from .zeroshot import TASK_SETS, TASKS
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad options give one error line (not a usage dump), exit code 2."""
+    """Bad options give one error line (not a usage dump), exit code 2.
+
+    A word that starts like a negative number (-1, -.5, -1e-3, -inf, -nan, -1,2) is a value,
+    never an option: argparse's own test knows only plain decimals, so ``--cvr-eps -inf``
+    was "expected one argument" where ``--cvr-eps=-inf`` reached the option's check."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        # Python's random takes -n as n: a negative seed would repeat another seed's windows
+        raise argparse.ArgumentTypeError(f"{value} is negative; a seed is an integer >= 0")
     return value
 
 
@@ -163,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
     g.add_argument("--calib-batch-size", type=_positive_int,
                    help="calibration windows per block forward. Default: as many as make 4096 tokens")
-    g.add_argument("--seed", type=int, help=f"calibration sampling seed. Default: {PruneConfig.seed}")
+    g.add_argument("--seed", type=_seed, help=f"calibration sampling seed (>= 0). Default: {PruneConfig.seed}")
     g.add_argument("--calibration", help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. "
                                          f"Default: {PruneConfig.calibration}")
     g.add_argument("--dense-baseline", action="store_true", default=None, help="also measure the model before pruning")
@@ -241,7 +262,7 @@ def _add_sweep_parser(sub) -> None:
     g.add_argument("--patterns", type=_comma_list(str), help="unstructured and/or N:M; default: unstructured")
     g.add_argument("--sparsities", type=_comma_list(float), help="for unstructured patterns; default: 0.5")
     g.add_argument("--nsamples", type=_comma_list(int), help="calibration sizes; default: the protocol's")
-    g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds; default: 0")
+    g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds (>= 0); default: 0")
     f = w.add_argument_group("fixed settings")
     f.add_argument("--seqlen", type=_positive_int, help="calibration window tokens; default: the protocol's")
     f.add_argument("--eval-seqlen", type=_window, help="perplexity window; default: the protocol's")

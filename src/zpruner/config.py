@@ -38,7 +38,8 @@ PRUNE_FIELD_CHECKS = {
     "pattern": lambda n, v: (check_str(n, v), Pattern.parse(v)),
     "group": _check_group, "calibration": check_str,
     "nsamples": check_int, "seqlen": check_int, "calib_batch_size": check_int,
-    "seed": lambda n, v: check_int(n, v, minimum=None),
+    # Python's random takes -n as n: a negative seed would repeat another seed's windows
+    "seed": lambda n, v: check_int(n, v, minimum=0),
     "reallocate": check_bool,
     "allocation": lambda n, v: (check_str(n, v), get_allocation(v)),
     "sparsity": lambda n, v: check_sparsity(v),
