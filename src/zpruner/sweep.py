@@ -31,7 +31,7 @@ from .io import check_output_file, dumps_json, refuse_special, write_failure
 from .masks import Pattern
 from .protocols import check_protocol
 from .registry import constants
-from .results import NOT_JSON, RunResult, config_key, json_lines, read_result, replace_non_finite, run_key
+from .results import RunResult, config_key, json_lines, read_result, replace_non_finite, run_key, skipped_line
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,13 @@ def read_done(path: Path) -> set[str]:
     if not path.exists():
         return done
     for lineno, parsed in json_lines(path.read_text(encoding="utf-8")):
-        if parsed is not NOT_JSON:
-            try:
-                done.add(config_key(parsed))
-                continue
-            except ZprunerError:
-                pass
-        log.warning("%s:%d is not a sweep result line; ignored", path, lineno)
+        if not isinstance(parsed, dict):  # NOT_JSON or NOT_OBJECT
+            skipped_line(path, lineno, parsed)
+            continue
+        try:
+            done.add(config_key(parsed))
+        except ZprunerError:  # a result this sweep cannot read: its configuration runs again
+            log.warning("%s: line %d is not a sweep result line; ignored", path, lineno)
     return done
 
 
