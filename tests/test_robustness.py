@@ -40,3 +40,109 @@ def test_a_line_that_is_no_json_object_is_skipped_by_report_and_sweep_alike(tmp_
     assert len(results) == 1 and done == {config_key(results[0])}
     assert caplog.text.count("line 2 is not a JSON object; skipped") == 2  # the report's notice, then the sweep's
     assert caplog.text.count("line 3 is not a JSON object; skipped") == 2
+
+
+# ---------------------------------------------------------------- full disk, SIGTERM
+
+def quick(model_dir, data_dir, *extra):
+    """prune argv on a tiny model (which the fixture builds beforehand, printing its progress)."""
+    return ["prune", "--model", str(model_dir), "--data-dir", str(data_dir), "--nsamples", "4", "--seqlen", "32",
+            "--eval-seqlen", "32", "--eval-windows", "2", "--quiet", *extra]
+
+
+def _enospc_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _one_error_line(capsys, *fragments) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(f in lines[0] for f in fragments), lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_at_an_in_memory_save_is_one_line(capsys, monkeypatch, tmp_path, tiny_model_dir, tiny_data_dir):
+    import transformers.modeling_utils
+
+    from zpruner.cli import main
+
+    save = tmp_path / "m"
+    argv = quick(tiny_model_dir("llama"), tiny_data_dir, "--no-eval", "--save", str(save))
+    capsys.readouterr()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _enospc_safetensors)
+    assert main(argv) == 2
+    _one_error_line(capsys, f"could not write the model to {save}", "the disk is full")
+    assert list(tmp_path.iterdir()) == []  # no model, no temporary
+
+
+@pytest.mark.parametrize("where", ["shard", "activations", "state", "spilled activations"])
+def test_a_full_disk_under_the_work_dir_is_one_line(where, capsys, monkeypatch, tmp_path, tiny_model_dir,
+                                                    tiny_data_dir):
+    import os
+
+    import zpruner.checkpoint
+    import zpruner.weights
+    from zpruner.cli import main
+
+    extra = []
+    if where == "shard":
+        monkeypatch.setattr(zpruner.weights, "save_file", _enospc_safetensors)
+    elif where == "activations":
+        monkeypatch.setattr(zpruner.checkpoint, "save_file", _enospc_safetensors)
+    elif where == "state":
+        original = zpruner.checkpoint.WorkDir._state_bytes
+
+        def full_after_the_first(self, f):  # the first state (no block done) is written, the next is not
+            if self.state["done"]:
+                _enospc()
+            original(self, f)
+
+        monkeypatch.setattr(zpruner.checkpoint.WorkDir, "_state_bytes", full_after_the_first)
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", _enospc)
+        extra = ["--activations", "disk"]
+    work = tmp_path / "w"
+    argv = quick(tiny_model_dir("llama"), tiny_data_dir, "--no-eval", "--offload", "disk", "--work-dir", str(work),
+                 *extra)
+    capsys.readouterr()
+    assert main(argv) == 2
+    _one_error_line(capsys, str(work), "No space left on device")
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_folder(capsys, monkeypatch, tmp_path, tiny_model_dir,
+                                                          tiny_data_dir):
+    import os
+    import signal
+    import time
+
+    import zpruner.runner
+    from zpruner.cli import main
+
+    original = zpruner.runner.save_folder_atomic
+
+    def terminated_while_writing(target, write, manifest, overwrite=False):
+        def write_then_sigterm(folder):
+            write(folder)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next instruction; this line is never left normally
+            raise AssertionError("SIGTERM did not stop the save")
+        return original(target, write_then_sigterm, manifest, overwrite)
+
+    monkeypatch.setattr(zpruner.runner, "save_folder_atomic", terminated_while_writing)
+    previous = signal.getsignal(signal.SIGTERM)
+    save = tmp_path / "m"
+    argv = quick(tiny_model_dir("llama"), tiny_data_dir, "--no-eval", "--save", str(save))
+    capsys.readouterr()
+    assert main(argv) == 128 + 15
+    _one_error_line(capsys, "terminated (SIGTERM); finished outputs are kept, unfinished ones removed")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == previous  # main() gives the handler back

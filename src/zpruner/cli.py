@@ -5,11 +5,13 @@ import argparse
 import logging
 import math
 import re
+import signal
 import sys
+from contextlib import contextmanager
 
 from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
-from .io import check_output_file, check_output_folder
+from .io import check_output_file, check_output_folder, describe_os_error
 from .protocols import DEFAULTS, PROTOCOLS, describe
 from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
@@ -375,6 +377,27 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_options(args.protocol, prune=args.command == "prune", **options)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's stop), raised where the program is so that it takes
+    Ctrl-C's path: every writer removes its unfinished output on the way out."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def terminate(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a worker): the default stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
@@ -391,24 +414,25 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        if args.command == "sweep":
-            return sweep_main(args)
-        if args.command == "report":
-            return report_main(args)
-        from .runner import run  # torch-heavy: after argument errors have had their chance
+        with _sigterm_as_interrupt():
+            if args.command == "sweep":
+                return sweep_main(args)
+            if args.command == "report":
+                return report_main(args)
+            from .runner import run  # torch-heavy: after argument errors have had their chance
 
-        results = run(config_from_args(args), progress=not args.quiet)
+            results = run(config_from_args(args), progress=not args.quiet)
     except ZprunerError as exc:
         print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk, not zpruner: full, read-only, removed under us
-        print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
+        print(f"zpruner {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # outputs are written under temporary names that their writers remove on the way out
-        print(f"zpruner {args.command}: interrupted; finished outputs are kept, unfinished ones removed",
-              file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"zpruner {args.command}: {what}; finished outputs are kept, unfinished ones removed", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     print(format_summary(results))
     return 0
 
