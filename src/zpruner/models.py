@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ZprunerError
-from .io import create_folder_atomic
+from .io import check_output_folder, create_folder_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ def convert_gguf(path: Path) -> Path:
         if damage is None:
             return target
         log.warning("the cached conversion %s is damaged (%s); converting again", target, damage)
+    # before the conversion's half minute, not after it
+    check_output_folder(f"the cache (${CACHE_ENV})", target.parent)
+    if target.exists():
         shutil.rmtree(target)
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer

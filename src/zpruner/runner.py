@@ -20,10 +20,11 @@ from torch import nn
 
 from .checkpoint import WorkDir, checkpoint_options, default_work_dir, save_streamed, sparsity_of
 from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
-from .data import token_digest
+from .data import resolve_data_dir, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .io import check_model_target, check_output_file, is_results_file, save_folder_atomic, write_json_atomic
+from .io import (check_model_target, check_output_file, check_output_folder, is_results_file, save_folder_atomic,
+                 write_json_atomic)
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .results import replace_non_finite, run_key
 from .workspace import Workspace
@@ -57,11 +58,33 @@ class Timer(dict):
 
 
 def check_output_paths(config: RunConfig) -> None:
-    """Refuse before any work when an output could not be written at the end."""
+    """Refuse before any work when an output could not be written at the end, or one output
+    would land in another (which replaces or removes it whole)."""
+    outputs = {}
     if config.output_json is not None:
-        check_output_file("--output-json", config.output_json, own=is_results_file)
+        outputs["--output-json"] = check_output_file("--output-json", config.output_json, own=is_results_file)
     if config.save is not None:
-        check_model_target(config.save, config.overwrite)
+        outputs["--save"] = check_model_target(config.save, config.overwrite)
+    if config.work_dir is not None:
+        outputs["--work-dir"] = check_output_folder("--work-dir", config.work_dir)
+    _check_apart(outputs)
+
+
+# (inner, outer): why ``inner`` cannot be ``outer`` or inside it
+_APART = {
+    ("--output-json", "--save"): "the saved model takes that folder's place whole",
+    ("--work-dir", "--save"): "the saved model takes that folder's place whole",
+    ("--save", "--work-dir"): "the work folder is removed when the run ends",
+    ("--output-json", "--work-dir"): "the work folder is removed when the run ends",
+}
+
+
+def _check_apart(outputs: dict[str, Path]) -> None:
+    for (inner, outer), why in _APART.items():
+        if inner in outputs and outer in outputs and outputs[inner].is_relative_to(outputs[outer]):
+            where = "is" if outputs[inner] == outputs[outer] else "is inside"
+            raise ZprunerError(f"{inner} {outputs[inner]} {where} {outer} {outputs[outer]}: {why}; "
+                               f"give {inner} a place of its own, beside it")
 
 
 def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool) -> None:
@@ -126,6 +149,7 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
+    resolve_data_dir(config.data_dir)  # a wrong folder stops the run before the model loads
     if workspace is None:
         workspace = Workspace(config.model, config.data_dir, offload_mode=config.offload)
     elif (workspace.model_config, workspace.data_dir) != (config.model, config.data_dir):
