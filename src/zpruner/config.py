@@ -307,12 +307,17 @@ class RunConfig:
     resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
     work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
     activations: str = "memory"  # 'disk': the calibration activations in a memory-mapped file (work folder or temp)
+    # the dtype ``save`` writes: 'auto' is the model's own (its config's), else one of DTYPES;
+    # it changes no measured number (the model is measured in its compute dtype)
+    save_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
         if self.offload not in OFFLOAD_MODES:
             raise ZprunerError(f"offload '{self.offload}' is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
         check_bool("resume", self.resume)
+        if self.save_dtype not in DTYPES:
+            raise ZprunerError(f"save dtype '{self.save_dtype}' is unknown; choose one of {', '.join(DTYPES)}")
         if self.activations not in ("memory", "disk"):
             raise ZprunerError(f"activations '{self.activations}' is unknown; choose memory or disk")
         if self.work_dir is not None:
@@ -368,8 +373,8 @@ MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_r
 EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
 ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
 PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
-RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite", "offload", "resume", "work_dir",
-               "activations")
+RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "save_dtype", "output_json", "overwrite", "offload", "resume",
+               "work_dir", "activations")
 EXECUTION_OPTIONS = ("offload", "resume", "work_dir", "activations")  # never part of a run key
 STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "
                       "is streamed from disk (--offload disk); measure the saved pruned model with 'zpruner eval "

@@ -61,12 +61,38 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on the CPU (half-precision matmuls there are slow and lossy) and
-    float16 on a GPU, as in the papers."""
+def resolve_dtype(dtype: str, device: torch.device, own: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype. 'auto' is float32 on the CPU (half-precision matmuls there are slow
+    and lossy) and the model's ``own`` dtype (``source_dtype``) elsewhere: float16 only for a
+    float16 model (a bfloat16-trained family can overflow in float16, the 2023 papers' habit
+    for LLaMA-1/2), float32 when the model's config names no dtype zpruner computes in."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return torch.float32 if device.type == "cpu" or own is None else own
     return DTYPES[dtype]
+
+
+def save_dtype(dtype: str, own: torch.dtype | None) -> torch.dtype:
+    """The dtype ``--save`` writes: 'auto' is the model's own (float32 when its config names
+    none of float32, bfloat16, float16)."""
+    if dtype == "auto":
+        return own if own is not None else torch.float32
+    return DTYPES[dtype]
+
+
+def source_dtype(source: Path | str) -> torch.dtype | None:
+    """The dtype of the model's stored weights as its config.json says (``dtype``, or the older
+    ``torch_dtype``), when it is one of ``DTYPES``; else None."""
+    try:
+        if isinstance(source, Path):
+            config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        else:
+            from transformers import PretrainedConfig
+
+            config = PretrainedConfig.get_config_dict(source)[0]
+    except (OSError, ValueError):  # loading the model names the problem
+        return None
+    value = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return DTYPES.get(str(value).removeprefix("torch.")) if value is not None else None
 
 
 def cache_dir() -> Path:
@@ -196,7 +222,7 @@ def load_skeleton(config: ModelConfig) -> tuple[nn.Module, object, Path | str]:
 
     source = model_source(config)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, source_dtype(source))
     try:
         model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
@@ -249,7 +275,7 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
 
     device = resolve_device(config.device)
     source = model_source(config)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, source_dtype(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         # safetensors only: unpickling a checkpoint can run arbitrary code

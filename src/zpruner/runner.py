@@ -26,7 +26,9 @@ from .evaluate import perplexity
 from .io import (check_model_target, check_output_file, check_output_folder, is_results_file, save_folder_atomic,
                  write_json_atomic)
 from .layers import check_pattern, find_blocks, measure_sparsity
+from .models import save_dtype
 from .results import replace_non_finite, run_key
+from .weights import stored_in
 from .workspace import Workspace
 from .zeroshot import run_tasks
 
@@ -87,10 +89,14 @@ def _check_apart(outputs: dict[str, Path]) -> None:
                                f"give {inner} a place of its own, beside it")
 
 
-def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool) -> None:
-    """save_pretrained (safetensors) and the tokenizer, swapped in when complete (zpruner.io)."""
+def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool,
+               dtype: torch.dtype | None = None) -> None:
+    """save_pretrained (safetensors) and the tokenizer, swapped in when complete (zpruner.io);
+    the weights rounded once to ``dtype`` (default: as they are). The model keeps its dtype,
+    and holds the saved values afterwards (``weights.stored_in``)."""
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        with stored_in(model, dtype or next(model.parameters()).dtype):
+            model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     save_folder_atomic(directory, write, manifest, overwrite)
@@ -161,12 +167,13 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     with timer.phase("load"):
         model, tokenizer = workspace.dense_model()
     _check_model(model, tokenizer, config, workspace.streamed)
+    stored = save_dtype(config.save_dtype, workspace.own_dtype)
     work = None
     if config.prune is not None and workspace.streamed:
         work = WorkDir(Path(config.work_dir).expanduser() if config.work_dir else
                        default_work_dir(config.save, config.output_json, config.model.name),
                        run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
-                       config.prune.needs_calibration)
+                       config.prune.needs_calibration, stored)
     elif config.resume:
         raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
                            "keeps checkpoints")
@@ -222,9 +229,9 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     replace_non_finite(results)
     manifest = {"config": results["config"], "versions": results["versions"]}
     if config.save is not None and work is not None:
-        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite)
+        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite, stored)
     elif config.save is not None:
-        save_model(config.save, model, tokenizer, manifest, config.overwrite)
+        save_model(config.save, model, tokenizer, manifest, config.overwrite, stored)
     if config.output_json is not None:
         write_json_atomic(config.output_json, results)
     if work is not None:
