@@ -146,3 +146,59 @@ def test_sigterm_during_a_save_leaves_no_temporary_folder(capsys, monkeypatch, t
     _one_error_line(capsys, "terminated (SIGTERM); finished outputs are kept, unfinished ones removed")
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == previous  # main() gives the handler back
+
+
+# ---------------------------------------------------------------- disk space, up front
+
+def _free(space: int):
+    import os
+    import types
+
+    real = os.statvfs
+
+    def statvfs(path):
+        return types.SimpleNamespace(f_bavail=space // 4096, f_frsize=4096, real=real(path))
+    return statvfs
+
+
+@pytest.mark.parametrize("offload, what", [("none", "--save"), ("disk", "the work folder")])
+def test_too_little_disk_space_is_refused_before_pruning(offload, what, capsys, monkeypatch, tmp_path,
+                                                         tiny_model_dir, tiny_data_dir):
+    import os
+
+    import zpruner.workspace
+    from zpruner.cli import main
+
+    argv = quick(tiny_model_dir("llama"), tiny_data_dir, "--offload", offload, "--save", str(tmp_path / "m"))
+    capsys.readouterr()
+
+    def never(*args, **kwargs):
+        raise AssertionError("pruning started")
+
+    monkeypatch.setattr(zpruner.workspace, "prune", never)
+    monkeypatch.setattr(os, "statvfs", _free(1 << 20))
+    assert main(argv) == 2
+    line = _one_error_line(capsys, what, "need about", "which has 1.0 MiB free; free space there")
+    assert str(tmp_path) in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_estimate_is_the_weights_in_the_save_dtype(tiny_model_dir, tmp_path):
+    """A float32 model: about its safetensors' size; in bfloat16 about half; a streamed run
+    that only masks links its shards into --save (the blocks counted once, in the work folder)."""
+    import torch
+
+    from zpruner import RunConfig
+    from zpruner.config import ModelConfig
+    from zpruner.models import load_model
+    from zpruner.runner import SPACE_RESERVE_BYTES, space_needed
+
+    model, _ = load_model(ModelConfig(str(tiny_model_dir("llama")), device="cpu"))
+    stored = (tiny_model_dir("llama") / "model.safetensors").stat().st_size
+    config = RunConfig(prune=PruneConfig("magnitude"), save=str(tmp_path / "m"))
+    [(what, _, f32)] = space_needed(config, model, torch.float32, torch.float32, None)
+    [(_, _, bf16)] = space_needed(config, model, torch.float32, torch.bfloat16, None)
+    assert what.startswith("--save") and stored <= f32 - SPACE_RESERVE_BYTES <= 1.1 * stored
+    assert bf16 - SPACE_RESERVE_BYTES == pytest.approx((f32 - SPACE_RESERVE_BYTES) / 2, rel=0.01)
+    (work, _, in_work), (_, _, in_save) = space_needed(config, model, torch.float32, torch.float32, tmp_path / "w")
+    assert work.startswith("the work folder") and in_work + in_save - SPACE_RESERVE_BYTES <= 1.06 * stored

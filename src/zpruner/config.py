@@ -170,6 +170,12 @@ class PruneConfig:
         return get_allocation(self.allocation)
 
     @property
+    def changes_kept_weights(self) -> bool:
+        """Whether a kept weight may end with another value than it had (a reconstruction or
+        an update); else pruning only zeroes weights (and may permute channels)."""
+        return self.method_entry.kind == "solver" or self.update != "none"
+
+    @property
     def uses_hessian(self) -> bool:
         return self.method_entry.needs_hessian or self.update_entry.needs_hessian
 

@@ -229,6 +229,35 @@ def check_model_target(value: str | os.PathLike, overwrite: bool, option: str = 
     return path
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def same_file_system(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (or the folders they will be created in) are on one file system."""
+    return os.stat(_nearest_existing(a)).st_dev == os.stat(_nearest_existing(b)).st_dev
+
+
+def check_free_space(needs: list[tuple[str, Path, int]]) -> None:
+    """Each (what, where, bytes) that a run will write: refused now when the file system it
+    goes to has less free space (``statvfs``; what a user may write) than all of them that go
+    there together."""
+    by_device: dict[int, list[tuple[str, Path, int]]] = {}
+    for what, where, size in needs:
+        by_device.setdefault(os.stat(_nearest_existing(where)).st_dev, []).append((what, where, size))
+    for items in by_device.values():
+        total, where = sum(size for _, _, size in items), _nearest_existing(items[0][1])
+        fs = os.statvfs(where)
+        free = fs.f_bavail * fs.f_frsize
+        if total > free:
+            whats = " and ".join(f"{what} ({_size(size)})" for what, _, size in items)
+            raise ZprunerError(f"{whats} need about {_size(total)} on the file system of {where}, which has "
+                               f"{_size(free)} free; free space there or choose another place")
+
+
 # ---------------------------------------------------------------- temporary folders
 
 def _temp_prefix(target: Path) -> str:

@@ -23,8 +23,8 @@ from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
 from .data import resolve_data_dir, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .io import (check_model_target, check_output_file, check_output_folder, is_results_file, save_folder_atomic,
-                 write_json_atomic)
+from .io import (check_free_space, check_model_target, check_output_file, check_output_folder, is_results_file,
+                 same_file_system, save_folder_atomic, write_json_atomic)
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .models import save_dtype
 from .results import replace_non_finite, run_key
@@ -102,6 +102,47 @@ def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manife
     save_folder_atomic(directory, write, manifest, overwrite)
 
 
+# An estimate's margin (safetensors headers, the index, state files), and beside a saved
+# model's weights its config, tokenizer (tens of MB for some vocabularies) and manifest
+SPACE_MARGIN, SPACE_RESERVE_BYTES = 1.05, 32 << 20
+
+
+def space_needed(config: RunConfig, model: nn.Module, compute: torch.dtype, stored: torch.dtype,
+                 work: Path | None) -> list[tuple[str, Path, int]]:
+    """What the run will write to disk, (what, where, bytes), estimated from the number of
+    weights: ``--save`` in the ``stored`` dtype; for a streamed run (``work``) the block shards
+    (in ``stored`` when pruning only masks, see WorkDir) and the activations entering a block
+    (two blocks' worth at a step; less what a resumed run's work folder holds already);
+    ``--activations disk`` files."""
+    if config.prune is None:
+        return []
+
+    def size(numel: int, dtype: torch.dtype) -> int:
+        return numel * torch.empty((), dtype=dtype).element_size()
+
+    everything = sum(p.numel() for p in model.parameters())
+    inside = sum(p.numel() for p in find_blocks(model).parameters())
+    shards = compute if config.prune.changes_kept_weights else stored
+    hidden = getattr(model.config, "hidden_size", 0) or 0
+    activations = size(config.prune.nsamples * config.prune.seqlen * hidden, compute) \
+        if config.prune.needs_calibration else 0
+    spilled = activations if config.activations == "disk" else 0
+    needs = []
+    if work is not None:
+        done = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
+        needs.append((f"the work folder {work}", work,
+                      int(max(0, size(inside, shards) + 2 * activations + spilled - done) * SPACE_MARGIN)))
+    elif spilled:
+        needs.append(("the activations on disk", Path(tempfile.gettempdir()), int(spilled * SPACE_MARGIN)))
+    if config.save is not None:
+        target = Path(config.save).expanduser().resolve()
+        linked = work is not None and shards == stored and same_file_system(work, target.parent)
+        blocks = 0 if linked else size(inside, stored)  # hard links to the work folder's shards take no space
+        weights = size(everything - inside, stored) + blocks
+        needs.append((f"--save {target}", target.parent, int(weights * SPACE_MARGIN) + SPACE_RESERVE_BYTES))
+    return needs
+
+
 def check_context(model: nn.Module, seqlen: int, option: str) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
@@ -168,15 +209,19 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         model, tokenizer = workspace.dense_model()
     _check_model(model, tokenizer, config, workspace.streamed)
     stored = save_dtype(config.save_dtype, workspace.own_dtype)
-    work = None
-    if config.prune is not None and workspace.streamed:
-        work = WorkDir(Path(config.work_dir).expanduser() if config.work_dir else
-                       default_work_dir(config.save, config.output_json, config.model.name),
-                       run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
-                       config.prune.needs_calibration, stored)
-    elif config.resume:
+    streamed = config.prune is not None and workspace.streamed
+    if config.resume and not streamed:
         raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
                            "keeps checkpoints")
+    work_path = None
+    if streamed:
+        work_path = (Path(config.work_dir).expanduser() if config.work_dir else
+                     default_work_dir(config.save, config.output_json, config.model.name))
+    check_free_space(space_needed(config, model, workspace.dtype, stored, work_path))
+    work = None
+    if streamed:
+        work = WorkDir(work_path, run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
+                       config.prune.needs_calibration, stored)
     calibration = None
     if config.prune is not None:
         with timer.phase("calibration"):
