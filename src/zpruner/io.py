@@ -253,9 +253,13 @@ def check_free_space(needs: list[tuple[str, Path, int]]) -> None:
         fs = os.statvfs(where)
         free = fs.f_bavail * fs.f_frsize
         if total > free:
-            whats = " and ".join(f"{what} ({_size(size)})" for what, _, size in items)
-            raise ZprunerError(f"{whats} need about {_size(total)} on the file system of {where}, which has "
-                               f"{_size(free)} free; free space there or choose another place")
+            if len(items) == 1:
+                whats = f"{items[0][0]} needs about {_size(total)}"
+            else:
+                whats = " and ".join(f"{what} ({_size(size)})" for what, _, size in items)
+                whats += f" need about {_size(total)} together"
+            raise ZprunerError(f"{whats} on the file system of {where}, which has {_size(free)} free; free space "
+                               "there or choose another place")
 
 
 # ---------------------------------------------------------------- temporary folders
