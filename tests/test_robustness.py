@@ -36,10 +36,13 @@ def test_a_line_that_is_no_json_object_is_skipped_by_report_and_sweep_alike(tmp_
     path.write_text(f"{first}\n[]\n3\n")
     with caplog.at_level("WARNING", logger="zpruner"):
         results = load_results([path]).results
+        report_said = caplog.text
+        caplog.clear()
         done = read_done(path)
+        sweep_said = caplog.text
     assert len(results) == 1 and done == {config_key(results[0])}
-    assert caplog.text.count("line 2 is not a JSON object; skipped") == 2  # the report's notice, then the sweep's
-    assert caplog.text.count("line 3 is not a JSON object; skipped") == 2
+    for said in (report_said, sweep_said):
+        assert "line 2 is not a JSON object; skipped" in said and "line 3 is not a JSON object; skipped" in said
 
 
 # ---------------------------------------------------------------- full disk, SIGTERM
