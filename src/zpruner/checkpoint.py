@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ZprunerError
-from .io import (discard_temporary, dumps_json, make_temporary, remove_stale_temporaries, save_folder_atomic, unmark,
-                 write_atomic)
+from .io import (discard_temporary, dumps_json, empty_folder, make_temporary, remove_stale_temporaries,
+                 save_folder_atomic, unmark, write_atomic)
 from .layers import iter_prunable
 from .weights import exactly_in, round_to, stored_dtypes, write_index, write_shard
 
@@ -322,13 +322,7 @@ class WorkDir:
 
     def _clear(self) -> None:
         """Everything zpruner wrote in the folder, the folder itself kept."""
-        for entry in self.path.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        empty_folder(self.path, keep=LOCK)
 
     def remove(self) -> None:
         """The work folder once the run is saved: all of it when zpruner made it, else its

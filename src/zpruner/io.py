@@ -319,18 +319,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def discard_temporary(folder: Path) -> None:
-    """Remove a marked temporary folder, its marker last: a removal cut short by a kill
-    leaves a folder that is still provably zpruner's, which the next run removes."""
-    if not folder.is_dir() or folder.is_symlink():
-        return
+def empty_folder(folder: Path, keep: str) -> None:
+    """Remove everything in ``folder`` but the entry named ``keep`` (a link is removed, never
+    followed)."""
     for entry in folder.iterdir():
-        if entry.name == _PARTIAL:
+        if entry.name == keep:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def discard_temporary(folder: Path) -> None:
+    """Remove a marked temporary folder, its marker last: a removal cut short by a kill
+    leaves a folder that is still provably zpruner's, which the next run removes."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    empty_folder(folder, keep=_PARTIAL)
     unmark(folder)
     try:
         folder.rmdir()

@@ -183,8 +183,8 @@ def run_key(config: RunConfig | dict) -> str:
     live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
     lack newer fields: absent and None count the same)."""
     d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "save_dtype", "overwrite", "protocol", "schema_version", "dense_baseline",
-                 *EXECUTION_OPTIONS):
+    for name in ("data_dir", "output_json", "save", "save_dtype", "overwrite", "protocol", "schema_version",
+                 "dense_baseline", *EXECUTION_OPTIONS):
         d.pop(name, None)
     if d.get("prune") is not None:
         d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
