@@ -18,9 +18,10 @@ import transformers
 
 from zpruner.cli import main
 from zpruner.errors import ZprunerError
-from zpruner.io import MANIFEST, check_model_target, remove_stale_temporaries, save_folder_atomic, write_json_atomic
+from zpruner.io import MANIFEST, check_model_target, save_folder_atomic, write_json_atomic
 from zpruner.progress import LOG_INTERVAL_S, bar
 from zpruner.results import replace_non_finite
+from zpruner.temporaries import remove_stale_temporaries
 
 
 def quick(model_dir, data_dir, *extra):
@@ -223,8 +224,8 @@ if where == "write":
             time.sleep(120)
         return original_save(target, slow_write, manifest, overwrite)
 
-    import zpruner.runner
-    zpruner.runner.save_folder_atomic = slow_save
+    import zpruner.saving
+    zpruner.saving.save_folder_atomic = slow_save
 else:
     original_exchange = zio._exchange
 

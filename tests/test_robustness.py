@@ -127,10 +127,10 @@ def test_sigterm_during_a_save_leaves_no_temporary_folder(capsys, monkeypatch, t
     import signal
     import time
 
-    import zpruner.runner
+    import zpruner.saving
     from zpruner.cli import main
 
-    original = zpruner.runner.save_folder_atomic
+    original = zpruner.saving.save_folder_atomic
 
     def terminated_while_writing(target, write, manifest, overwrite=False):
         def write_then_sigterm(folder):
@@ -140,7 +140,7 @@ def test_sigterm_during_a_save_leaves_no_temporary_folder(capsys, monkeypatch, t
             raise AssertionError("SIGTERM did not stop the save")
         return original(target, write_then_sigterm, manifest, overwrite)
 
-    monkeypatch.setattr(zpruner.runner, "save_folder_atomic", terminated_while_writing)
+    monkeypatch.setattr(zpruner.saving, "save_folder_atomic", terminated_while_writing)
     previous = signal.getsignal(signal.SIGTERM)
     save = tmp_path / "m"
     argv = quick(tiny_model_dir("llama"), tiny_data_dir, "--no-eval", "--save", str(save))

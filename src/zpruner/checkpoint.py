@@ -16,13 +16,13 @@ bits of a run never interrupted (the activations are stored exactly and every st
 deterministic given them). A checkpoint that does not hold together (an edited or damaged
 ``state.json``, a missing or foreign file) is refused in one line, never resumed.
 
-At the end the shards become the saved model's (hard-linked when the folder is on the same
-file system as ``--save``), and the work folder is removed: the whole of it when zpruner
-created it, only zpruner's files when the user had made it (empty) beforehand.
+At the end the shards become the saved model's (zpruner.saving: hard-linked when the folder
+is on the same file system as ``--save`` and they are in the save dtype), and the work
+folder is removed: the whole of it when zpruner created it, only zpruner's files when the
+user had made it (empty) beforehand.
 """
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
@@ -38,10 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ZprunerError
-from .io import (discard_temporary, dumps_json, empty_folder, make_temporary, remove_stale_temporaries,
-                 save_folder_atomic, unmark, write_atomic)
+from .io import dumps_json, write_atomic
 from .layers import iter_prunable
-from .weights import exactly_in, round_to, stored_dtypes, write_index, write_shard
+from .temporaries import discard_temporary, empty_folder, make_temporary, remove_stale_temporaries, unmark
+from .weights import exactly_in, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -362,50 +362,3 @@ def sparsity_of(model: nn.Module, fractions: dict[str, float]) -> dict:
         zeros += round(fractions[name] * size)
         total += size
     return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
-
-
-def save_streamed(target: str | os.PathLike, model: nn.Module, tokenizer, work: WorkDir, blocks, manifest: dict,
-                  overwrite: bool, dtype: torch.dtype | None = None) -> None:
-    """The saved model from a streamed run, its weights in ``dtype`` (default: the compute
-    dtype): the work folder's block shards (hard links when stored in ``dtype`` and on the
-    same file system, else copies; rounded once where stored in another dtype) plus the
-    tensors outside the blocks, an index, config and tokenizer; in place atomically like any
-    ``--save`` (zpruner.io)."""
-    dtype = dtype or next(model.parameters()).dtype
-
-    def write(folder: Path) -> None:
-        for shard in work.shards():
-            _save_shard(shard, folder, dtype)
-        inside = next(name for name, m in model.named_modules() if m is blocks.blocks) + "."
-        with blocks.outside():
-            # named_parameters lists a tied LM head once, under the embeddings' name, as save_pretrained does
-            outside = {n: round_to(t, dtype, n) for n, t in [*model.named_parameters(), *_persistent_buffers(model)]
-                       if not n.startswith(inside)}
-            write_shard(folder, "model-outside.safetensors", outside, None)
-        write_index(folder)
-        config = copy.deepcopy(model.config)
-        config.dtype = str(dtype).removeprefix("torch.")  # as save_pretrained writes it
-        config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    save_folder_atomic(target, write, manifest, overwrite)
-
-
-def _save_shard(shard: Path, folder: Path, dtype: torch.dtype) -> None:
-    """A block shard of the work folder into the saved model's ``folder``, in ``dtype``."""
-    if stored_dtypes(shard) <= {dtype}:
-        try:
-            os.link(shard, folder / shard.name)
-        except OSError:
-            shutil.copy2(shard, folder / shard.name)
-        return
-    write_shard(folder, shard.name, {n: round_to(t, dtype, n) for n, t in load_file(shard).items()}, None)
-
-
-def _persistent_buffers(model: nn.Module):
-    for owner_name, owner in model.named_modules():
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and name not in owner._non_persistent_buffers_set:
-                yield (f"{owner_name}.{name}" if owner_name else name), buffer

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import re
 import signal
 import sys
 from contextlib import contextmanager
 
+from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, positive_float, positive_int, seed,
+                       window)
 from .config import DTYPES, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder, describe_os_error
@@ -16,69 +16,6 @@ from .protocols import DEFAULTS, PROTOCOLS, describe
 from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad options give one error line (not a usage dump), exit code 2.
-
-    A word that starts like a negative number (-1, -.5, -1e-3, -inf, -nan, -1,2) is a value,
-    never an option: argparse's own test knows only plain decimals, so ``--cvr-eps -inf``
-    was "expected one argument" where ``--cvr-eps=-inf`` reached the option's check."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        # Python's random takes -n as n: a negative seed would repeat another seed's windows
-        raise argparse.ArgumentTypeError(f"{value} is negative; a seed is an integer >= 0")
-    return value
-
-
-def _window(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("a window of 1 token predicts nothing; give at least 2")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def _clamp_range(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        lo, hi = (_finite(v) for v in parts)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a range LO,HI of finite numbers such as 0.5,2") from None
-    return lo, hi
 
 
 def _add_protocol_option(p: argparse.ArgumentParser) -> None:
@@ -110,11 +47,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
     g.add_argument("--eval-dataset",
                    help=f"'wikitext2' (test split) or a local .txt/.jsonl file. Default: {EvalConfig.dataset}")
-    g.add_argument("--eval-seqlen", type=_window,
+    g.add_argument("--eval-seqlen", type=window,
                    help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
-    g.add_argument("--eval-windows", type=_positive_int,
+    g.add_argument("--eval-windows", type=positive_int,
                    help="evaluate only the first K windows; default: the --protocol's, else all")
-    g.add_argument("--eval-batch-size", type=_positive_int,
+    g.add_argument("--eval-batch-size", type=positive_int,
                    help=f"windows per forward. Default: {EvalConfig.batch_size}")
     g.add_argument("--no-eval", action="store_true", default=None, help="skip perplexity (zero-shot --tasks still run)")
 
@@ -125,8 +62,8 @@ def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated tasks: {', '.join(TASKS)}; 'paper' = {','.join(TASK_SETS['paper'])}. "
                         "With --data-dir they read DATA_DIR/tasks (a task without a local copy is skipped), "
                         "else the Hugging Face hub. Default: none")
-    g.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task (default: all)")
-    g.add_argument("--batch-size", type=_positive_int, metavar="B",
+    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N items of each task (default: all)")
+    g.add_argument("--batch-size", type=positive_int, metavar="B",
                    help=f"zero-shot requests per forward. Default: {ZeroShotConfig.batch_size}")
 
 
@@ -140,7 +77,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 # A constant's kind -> how its flag's text is read
-_CONSTANT_PARSERS = {"int": _positive_int, "float": _finite, "range": _clamp_range}
+_CONSTANT_PARSERS = {"int": positive_int, "float": finite, "range": clamp_range}
 
 
 def _add_constant_option(group, constant: Constant) -> None:
@@ -157,8 +94,8 @@ def _add_constant_option(group, constant: Constant) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="zpruner", description="Post-training pruning of large language models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="zpruner", description="Post-training pruning of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("prune", help="prune a model, then measure it",
                        description="Prune every linear layer of every decoder block, then measure perplexity "
@@ -175,19 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
                         "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
                         f"Default: {PruneConfig.allocation}")
-    g.add_argument("--sparsity", type=_finite,
+    g.add_argument("--sparsity", type=finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "
                                      f"Default: {PruneConfig.pattern}")
     g.add_argument("--group", choices=GROUPS,
                    help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
-    g.add_argument("--nsamples", type=_positive_int,
+    g.add_argument("--nsamples", type=positive_int,
                    help=f"calibration windows. Default: the --protocol's, else {DEFAULTS['nsamples']}")
-    g.add_argument("--seqlen", type=_positive_int,
+    g.add_argument("--seqlen", type=positive_int,
                    help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
-    g.add_argument("--calib-batch-size", type=_positive_int,
+    g.add_argument("--calib-batch-size", type=positive_int,
                    help="calibration windows per block forward. Default: as many as make 4096 tokens")
-    g.add_argument("--seed", type=_seed, help=f"calibration sampling seed (>= 0). Default: {PruneConfig.seed}")
+    g.add_argument("--seed", type=seed, help=f"calibration sampling seed (>= 0). Default: {PruneConfig.seed}")
     g.add_argument("--calibration", help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. "
                                          f"Default: {PruneConfig.calibration}")
     g.add_argument("--dense-baseline", action="store_true", default=None, help="also measure the model before pruning")
@@ -243,16 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _comma_list(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of {kind.__name__}") from None
-
-    return parse
-
-
 def _add_sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="run a grid of configurations into a results file, resumably",
                        description="Run models x methods x updates x patterns x sparsities x calibration sizes x "
@@ -263,19 +190,19 @@ def _add_sweep_parser(sub) -> None:
     w.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file, appended to")
     _add_protocol_option(w)
     g = w.add_argument_group("grid (comma-separated lists)")
-    g.add_argument("--models", type=_comma_list(str), help="default: smollm2-135m")
-    g.add_argument("--methods", type=_comma_list(str), help="default: wanda")
-    g.add_argument("--updates", type=_comma_list(str), help="default: none")
-    g.add_argument("--patterns", type=_comma_list(str), help="unstructured and/or N:M; default: unstructured")
-    g.add_argument("--sparsities", type=_comma_list(float), help="for unstructured patterns; default: 0.5")
-    g.add_argument("--nsamples", type=_comma_list(int), help="calibration sizes; default: the protocol's")
-    g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds (>= 0); default: 0")
+    g.add_argument("--models", type=comma_list(str), help="default: smollm2-135m")
+    g.add_argument("--methods", type=comma_list(str), help="default: wanda")
+    g.add_argument("--updates", type=comma_list(str), help="default: none")
+    g.add_argument("--patterns", type=comma_list(str), help="unstructured and/or N:M; default: unstructured")
+    g.add_argument("--sparsities", type=comma_list(float), help="for unstructured patterns; default: 0.5")
+    g.add_argument("--nsamples", type=comma_list(int), help="calibration sizes; default: the protocol's")
+    g.add_argument("--seeds", type=comma_list(int), help="calibration seeds (>= 0); default: 0")
     f = w.add_argument_group("fixed settings")
-    f.add_argument("--seqlen", type=_positive_int, help="calibration window tokens; default: the protocol's")
-    f.add_argument("--eval-seqlen", type=_window, help="perplexity window; default: the protocol's")
-    f.add_argument("--eval-windows", type=_positive_int, help="first K perplexity windows; default: the protocol's")
+    f.add_argument("--seqlen", type=positive_int, help="calibration window tokens; default: the protocol's")
+    f.add_argument("--eval-seqlen", type=window, help="perplexity window; default: the protocol's")
+    f.add_argument("--eval-windows", type=positive_int, help="first K perplexity windows; default: the protocol's")
     f.add_argument("--tasks", metavar="T1,T2", help="zero-shot tasks for every run (e.g. paper)")
-    f.add_argument("--limit", type=_positive_int, metavar="N", help="items per zero-shot task")
+    f.add_argument("--limit", type=positive_int, metavar="N", help="items per zero-shot task")
     f.add_argument("--no-dense", action="store_true", help="do not measure the dense model")
     f.add_argument("--dry-run", action="store_true", help="print the configurations to run, run nothing")
     f.add_argument("--adopt", nargs="+", metavar="JSON",
@@ -290,25 +217,11 @@ def _add_sweep_parser(sub) -> None:
     x.add_argument("--ray-address", metavar="ADDR",
                    help="with --executor ray: 'auto' joins the cluster this machine belongs to, HOST:PORT or "
                         "ray://HOST:PORT a given one; default: start Ray on this machine for the sweep")
-    x.add_argument("--cpus-per-run", type=_positive_float, metavar="N",
+    x.add_argument("--cpus-per-run", type=positive_float, metavar="N",
                    help="with --executor ray: CPUs (and torch threads) reserved per run; default: 1")
-    x.add_argument("--gpus-per-run", type=_non_negative_float, metavar="N",
+    x.add_argument("--gpus-per-run", type=non_negative_float, metavar="N",
                    help="with --executor ray: GPUs reserved per run (fractions share one); "
                         "default: 1 if the cluster has GPUs, else 0")
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not above 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0")
-    return value
 
 
 def executor_from_args(args: argparse.Namespace):

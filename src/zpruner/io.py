@@ -5,19 +5,17 @@ rename within one folder is atomic). A model folder is written beside its target
 swapped in; an existing folder is replaced only when it is a previous zpruner output and
 the caller allows it, and never goes missing on Linux (the two folders are exchanged
 atomically with ``renameat2``). A temporary folder carries the writer's process id and a
-random token in its name and in a marker file inside, so the next run removes a killed
-run's leftovers, never a running one's, nor a user's folder that merely has a similar name.
+random token in its name and in a marker file inside (zpruner.temporaries), so the next run
+removes a killed run's leftovers, never a running one's, nor a user's folder that merely has
+a similar name.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
-import glob
 import json
-import logging
 import os
 import secrets
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -27,11 +25,9 @@ from typing import IO
 from safetensors import SafetensorError
 
 from .errors import ZprunerError
-
-log = logging.getLogger(__name__)
+from .temporaries import discard_temporary, make_temporary, mark, remove_stale_temporaries, temp_prefix, unmark
 
 MANIFEST = "zpruner.json"  # written last into every saved model: marks a complete zpruner output
-_PARTIAL = ".zpruner-partial"  # the marker of a temporary folder: the pid and token of its name
 
 
 def _umask() -> int:
@@ -262,107 +258,6 @@ def check_free_space(needs: list[tuple[str, Path, int]]) -> None:
                                "there or choose another place")
 
 
-# ---------------------------------------------------------------- temporary folders
-
-def _temp_prefix(target: Path) -> str:
-    return f"{target.name}.tmp-"
-
-
-def _mark(folder: Path, pid: int, token: str) -> None:
-    """Write the marker that proves zpruner made ``folder`` to be removed under the name
-    ``...<pid>-<token>`` (see ``_proven_pid``)."""
-    (folder / _PARTIAL).write_text(json.dumps({"pid": pid, "token": token}) + "\n")
-
-
-def make_temporary(parent: Path, prefix: str) -> Path:
-    """A new folder ``<prefix><pid>-<token>`` in ``parent`` (mode 0700), marked as zpruner's:
-    the token is random, so no folder a user named can carry the same name and marker."""
-    while True:
-        token = secrets.token_hex(8)
-        folder = parent / f"{prefix}{os.getpid()}-{token}"
-        try:
-            folder.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        _mark(folder, os.getpid(), token)
-        return folder
-
-
-def unmark(folder: Path) -> None:
-    """The marker out of a folder that took its final name (it is not a temporary any more)."""
-    (folder / _PARTIAL).unlink(missing_ok=True)
-
-
-def _proven_pid(entry: Path, prefix: str) -> int | None:
-    """The process that made the temporary folder ``entry``, when its marker proves that
-    zpruner made it: a marker whose pid and token are exactly those of the folder's name.
-    A name that merely matches (a user's ``model.tmp-20240101-backup``) proves nothing."""
-    if entry.is_symlink() or not entry.is_dir():
-        return None
-    try:
-        marker = json.loads((entry / _PARTIAL).read_text(encoding="utf-8"))
-        pid, token = marker["pid"], marker["token"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not (type(pid) is int and isinstance(token, str) and entry.name == f"{prefix}{pid}-{token}"):
-        return None
-    return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def empty_folder(folder: Path, keep: str) -> None:
-    """Remove everything in ``folder`` but the entry named ``keep`` (a link is removed, never
-    followed)."""
-    for entry in folder.iterdir():
-        if entry.name == keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def discard_temporary(folder: Path) -> None:
-    """Remove a marked temporary folder, its marker last: a removal cut short by a kill
-    leaves a folder that is still provably zpruner's, which the next run removes."""
-    if not folder.is_dir() or folder.is_symlink():
-        return
-    empty_folder(folder, keep=_PARTIAL)
-    unmark(folder)
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # something appeared meanwhile: left in place rather than removed unseen
-
-
-def remove_stale_temporaries(target: Path, prefix: str | None = None, level: int = logging.WARNING) -> list[Path]:
-    """Delete the temporary folders of ``target`` (named ``<prefix><pid>-<token>``, by
-    default ``<target>.tmp-``) that killed zpruner runs left: only those whose marker proves
-    zpruner made them, and whose process is gone; each said in a log line at ``level``.
-    Returns what was removed."""
-    prefix = _temp_prefix(target) if prefix is None else prefix
-    removed = []
-    if not target.parent.is_dir():
-        return removed
-    for entry in sorted(target.parent.glob(glob.escape(prefix) + "*")):
-        pid = _proven_pid(entry, prefix)
-        if pid is None or _alive(pid):
-            continue
-        discard_temporary(entry)
-        log.log(level, "removed %s, left by an interrupted zpruner run", entry)
-        removed.append(entry)
-    return removed
-
-
 # ---------------------------------------------------------------- model folders
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -395,14 +290,14 @@ def _put_in_place(tmp: Path, target: Path) -> Path | None:
         return None
     # the earlier output takes tmp's name: marked first, so a kill right after the exchange
     # leaves it provably zpruner's (the mark in the new output is removed below)
-    _mark(target, os.getpid(), _token(tmp))
+    mark(target, os.getpid(), _token(tmp))
     if _exchange(tmp, target):
         return tmp
     # no atomic exchange here: the earlier output is moved aside first, under a marked
     # temporary name of its own, so a kill in between loses nothing
     token = secrets.token_hex(8)
-    aside = target.parent / f"{_temp_prefix(target)}{os.getpid()}-{token}"
-    _mark(target, os.getpid(), token)
+    aside = target.parent / f"{temp_prefix(target)}{os.getpid()}-{token}"
+    mark(target, os.getpid(), token)
     os.rename(target, aside)
     os.rename(tmp, target)
     return aside
@@ -415,7 +310,7 @@ def save_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None],
     ``target`` is checked again (``check_model_target``): a folder with foreign files is
     never touched, a previous zpruner output is replaced only with ``overwrite``."""
     target = check_model_target(target, overwrite)
-    tmp = make_temporary(target.parent, _temp_prefix(target))
+    tmp = make_temporary(target.parent, temp_prefix(target))
     leftover = tmp
     try:
         _open_mode(tmp, 0o777)
@@ -442,7 +337,7 @@ def create_folder_atomic(target: str | os.PathLike, write: Callable[[Path], None
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    tmp = make_temporary(target.parent, _temp_prefix(target))
+    tmp = make_temporary(target.parent, temp_prefix(target))
     try:
         _open_mode(tmp, 0o777)
         write(tmp)

@@ -91,7 +91,7 @@ def source_dtype(source: Path | str) -> torch.dtype | None:
             config = PretrainedConfig.get_config_dict(source)[0]
     except (OSError, ValueError):  # loading the model names the problem
         return None
-    value = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    value = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
     return DTYPES.get(str(value).removeprefix("torch.")) if value is not None else None
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import platform
 import resource
 import tempfile
@@ -18,17 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import WorkDir, checkpoint_options, default_work_dir, save_streamed, sparsity_of
+from .checkpoint import WorkDir, checkpoint_options, default_work_dir, sparsity_of
 from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
 from .data import resolve_data_dir, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
 from .io import (check_free_space, check_model_target, check_output_file, check_output_folder, is_results_file,
-                 same_file_system, save_folder_atomic, write_json_atomic)
+                 same_file_system, write_json_atomic)
 from .layers import check_pattern, find_blocks, measure_sparsity
 from .models import save_dtype
 from .results import replace_non_finite, run_key
-from .weights import stored_in
+from .saving import save_model, save_streamed
 from .workspace import Workspace
 from .zeroshot import run_tasks
 
@@ -87,19 +86,6 @@ def _check_apart(outputs: dict[str, Path]) -> None:
             where = "is" if outputs[inner] == outputs[outer] else "is inside"
             raise ZprunerError(f"{inner} {outputs[inner]} {where} {outer} {outputs[outer]}: {why}; "
                                f"give {inner} a place of its own, beside it")
-
-
-def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool,
-               dtype: torch.dtype | None = None) -> None:
-    """save_pretrained (safetensors) and the tokenizer, swapped in when complete (zpruner.io);
-    the weights rounded once to ``dtype`` (default: as they are). The model keeps its dtype,
-    and holds the saved values afterwards (``weights.stored_in``)."""
-    def write(folder: Path) -> None:
-        with stored_in(model, dtype or next(model.parameters()).dtype):
-            model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    save_folder_atomic(directory, write, manifest, overwrite)
 
 
 # An estimate's margin (safetensors headers, the index, state files), and beside a saved
