@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,6 +55,8 @@ class Case:
     argv: Callable[[Ctx], list[str]]
     expect: str  # a fragment of the one error line
     code: int = 2
+    # what the machine cannot show a test (a read-only folder to root, a full disk), simulated
+    simulate: Callable[[Ctx, pytest.MonkeyPatch], None] | None = None
 
 
 def _prune(*extra: str) -> Callable[[Ctx], list[str]]:
@@ -112,6 +116,35 @@ def _no_blocks(c: Ctx) -> Path:
     return folder
 
 
+def _config_says(name: str, **changes) -> Callable[[Ctx], Path]:
+    """A copy of the model whose config.json says ``changes`` (its weights as they were)."""
+    def make(c: Ctx) -> Path:
+        folder = c.model_copy(name)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
+def _weights_edited(name: str, edit: Callable[[dict], None]) -> Callable[[Ctx], Path]:
+    """A copy of the model whose safetensors hold ``edit(tensors)``."""
+    def make(c: Ctx) -> Path:
+        folder = c.model_copy(name)
+        state = load_file(folder / "model.safetensors")
+        edit(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    return make
+
+
+def _transpose_up_proj(state: dict) -> None:
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name] = state[name].t().contiguous()
+
+
 def _no_eos(c: Ctx) -> Path:
     folder = c.model_copy("no-eos")
     for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json"):
@@ -164,6 +197,53 @@ def _results_line(c: Ctx, prune: dict) -> Path:
     return c.file("hostile.jsonl", json.dumps(line) + "\n")
 
 
+def _link(name: str, to: str | Path) -> Callable[[Ctx], Path]:
+    def make(c: Ctx) -> Path:
+        (c.tmp / name).symlink_to(to)
+        return c.tmp / name
+    return make
+
+
+def _fifo(c: Ctx) -> Path:
+    os.mkfifo(c.tmp / "pipe.json")
+    return c.tmp / "pipe.json"
+
+
+def _report_with(name: str, make: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
+    """report into a folder where ``make(folder / name)`` put something beforehand."""
+    def argv(c: Ctx) -> list[str]:
+        out = c.tmp / "out"
+        out.mkdir()
+        make(out / name)
+        return ["report", str(_results_line(c, None)), "--out", str(out)]
+    return argv
+
+
+def _read_only(name: str) -> Callable[[Ctx, pytest.MonkeyPatch], None]:
+    """The folder ``name`` under the case's folder, read-only as access(2) tells it (root may
+    write anywhere: a chmod would not show the case)."""
+    def simulate(c: Ctx, m: pytest.MonkeyPatch) -> None:
+        real = os.access
+
+        def access(path, mode, *args, **kwargs):
+            if mode & os.W_OK and Path(path) == c.tmp / name:
+                return False
+            return real(path, mode, *args, **kwargs)
+        m.setattr(os, "access", access)
+    return simulate
+
+
+def _free_space(space: int) -> Callable[[Ctx, pytest.MonkeyPatch], None]:
+    def simulate(c: Ctx, m: pytest.MonkeyPatch) -> None:
+        m.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=space // 4096, f_frsize=4096))
+    return simulate
+
+
+def _folder(c: Ctx, name: str) -> Path:
+    (c.tmp / name).mkdir()
+    return c.tmp / name
+
+
 LATIN1 = "caf\xe9 ".encode("latin-1") * 400
 
 CASES = [
@@ -187,6 +267,68 @@ CASES = [
                                                               str(c.model)], "is a folder"),
     Case("`report --out` onto an existing file",
          lambda c: ["report", str(_results_line(c, None)), "--out", str(c.file("taken", "x"))], "is an existing file"),
+    # outputs zpruner never writes through or replaces
+    Case("`--output-json` a symbolic link to a file", lambda c: [
+        "prune", *c.quick(), "--output-json", str(_link("r.json", c.file("victim.txt", "mine"))(c))],
+        "is a symbolic link to <tmp>/victim.txt; zpruner writes only regular files"),
+    Case("`--output-json` a symbolic link to /proc/self/fd/1", lambda c: [
+        "prune", *c.quick(), "--output-json", str(_link("out.json", "/proc/self/fd/1")(c))],
+        "is a symbolic link to /proc/self/fd/1"),
+    Case("`--output-json /dev/null` (a character device)", _prune("--output-json", "/dev/null"),
+         "/dev/null is a character device"),
+    Case("`--output-json` a FIFO", lambda c: ["prune", *c.quick(), "--output-json", str(_fifo(c))],
+         "is a named pipe (FIFO)"),
+    Case("`--output-json` an existing file zpruner did not write",
+         lambda c: ["prune", *c.quick(), "--output-json", str(c.file("notes.json", '{"mine": 1}'))],
+         "is an existing file that zpruner did not write"),
+    Case("`sweep --results` a symbolic link", lambda c: [
+        "sweep", "--results", str(_link("r.jsonl", c.file("victim.txt", "mine"))(c)), "--models", str(c.model)],
+        "--results <tmp>/r.jsonl is a symbolic link"),
+    Case("`--save` a symbolic link to an empty folder",
+         lambda c: ["prune", *c.quick(), "--save", str(_link("m", _folder(c, "real"))(c))],
+         "--save <tmp>/m is a symbolic link to <tmp>/real"),
+    Case("`report` into a folder with a report.md it did not write",
+         _report_with("report.md", lambda p: p.write_text("# my notes\n")),
+         "report.md exists and zpruner report did not write it (or it was edited since); add --overwrite"),
+    Case("`report --overwrite` where report.md is a symbolic link",
+         lambda c: [*_report_with("report.md", lambda p: p.symlink_to(c.file("victim.md", "mine")))(c),
+                    "--overwrite"], "report.md is a symbolic link"),
+    # paths that are not what they must be
+    Case("`--data-dir` a file", lambda c: ["prune", *c.quick(), "--data-dir", str(c.file("d.txt", "x"))],
+         "(--data-dir) is a file, not a folder"),
+    Case("`ZPRUNER_DATA_DIR` a file", lambda c: [f"env:ZPRUNER_DATA_DIR={c.file('d.txt', 'x')}", "prune",
+                                                 *c.quick()[:2], *c.quick()[4:]],
+         "($ZPRUNER_DATA_DIR) is a file, not a folder"),
+    Case("`--save` under a file", lambda c: ["prune", *c.quick(), "--save", str(c.file("f.txt", "x") / "m")],
+         "<tmp>/f.txt is a file, not a folder"),
+    Case("`--work-dir` a file", lambda c: ["prune", *c.quick(), "--offload", "disk", "--work-dir",
+                                            str(c.file("w.txt", "x"))], "--work-dir <tmp>/w.txt is an existing file"),
+    Case("`--work-dir` read-only (simulated)",
+         lambda c: ["prune", *c.quick(), "--offload", "disk", "--work-dir", str(_folder(c, "ro"))],
+         "folder <tmp>/ro is not writable", simulate=_read_only("ro")),
+    Case("`ZPRUNER_CACHE` read-only, before a .gguf conversion (simulated)",
+         lambda c: [f"env:ZPRUNER_CACHE={_folder(c, 'ro')}", "prune",
+                    *c.quick(c.file("m.gguf", b"GGUF\x03\x00garbage"))],
+         "the cache ($ZPRUNER_CACHE) <tmp>/ro/gguf: folder <tmp>/ro is not writable", simulate=_read_only("ro")),
+    Case("`--output-json` equal to `--save`",
+         lambda c: ["prune", *c.quick(), "--save", str(c.tmp / "m"), "--output-json", str(c.tmp / "m")],
+         "--output-json <tmp>/m is --save <tmp>/m"),
+    Case("`--work-dir` equal to `--save`",
+         lambda c: ["prune", *c.quick(), "--save", str(c.tmp / "m"), "--work-dir", str(c.tmp / "m")],
+         "--work-dir <tmp>/m is --save <tmp>/m"),
+    Case("`--work-dir` inside `--save`",
+         lambda c: ["prune", *c.quick(), "--save", str(c.tmp / "m"), "--work-dir", str(c.tmp / "m" / "w")],
+         "--work-dir <tmp>/m/w is inside --save <tmp>/m"),
+    Case("`--save` inside `--work-dir`",
+         lambda c: ["prune", *c.quick(), "--save", str(_folder(c, "w") / "m"), "--work-dir", str(c.tmp / "w")],
+         "--save <tmp>/w/m is inside --work-dir <tmp>/w: the work folder is removed when the run ends"),
+    Case("too little free disk space for `--save` (simulated)",
+         lambda c: ["prune", *c.quick(), "--save", str(c.tmp / "m")], "which has 64.0 KiB free",
+         simulate=_free_space(64 << 10)),
+    Case("too little free disk space for the work folder (simulated)",
+         lambda c: ["prune", *c.quick(), "--offload", "disk", "--work-dir", str(c.tmp / "w")],
+         "the work folder <tmp>/w", simulate=_free_space(64 << 10)),
+    Case("`--save-dtype float64`", _prune("--save-dtype", "float64"), "invalid choice: 'float64'"),
     # numbers
     Case("`--cvr-alpha nan`", _prune("--method", "cvr", "--cvr-alpha", "nan"), "not a finite number"),
     Case("`--ria-exponent nan`", _prune("--method", "ria", "--ria-exponent", "nan"), "not a finite number"),
@@ -197,6 +339,14 @@ CASES = [
     Case("`--sparsity 1.5`", _prune("--sparsity", "1.5"), "sparsity 1.5 is out of range"),
     Case("`--sparsity -0.1`", _prune("--sparsity", "-0.1"), "sparsity -0.1 is out of range"),
     Case("`--sparsity nan`", _prune("--sparsity", "nan"), "not a finite number"),
+    Case("`--cvr-eps -inf` (a negative number as its own word)", _prune("--method", "cvr", "--cvr-eps", "-inf"),
+         "argument --cvr-eps: -inf is not a finite number"),
+    Case("`--cvr-eps=-inf`", _prune("--method", "cvr", "--cvr-eps=-inf"), "argument --cvr-eps: -inf is not a finite"),
+    Case("`--damp -1e-3`", _prune("--method", "sparsegpt", "--damp", "-1e-3"), "must be a finite number > 0"),
+    Case("`--seed -1` (Python's random takes it as seed 1)", _prune("--seed", "-1"),
+         "argument --seed: -1 is negative; a seed is an integer >= 0"),
+    Case("`sweep --seeds -1,2`", lambda c: ["sweep", "--results", str(c.tmp / "r.jsonl"), "--models", str(c.model),
+                                           "--seeds", "-1,2"], "seed (--seed) must be an integer >= 0, got -1"),
     Case("`--ec-clamp 2`", _prune("--update", "ec", "--ec-clamp", "2"), "is not a range LO,HI"),
     Case("`--ec-clamp nan,2`", _prune("--update", "ec", "--ec-clamp", "nan,2"), "is not a range LO,HI"),
     Case("`--ec-clamp 1.2,2`", _prune("--update", "ec", "--ec-clamp", "1.2,2"), "must contain 1"),
@@ -224,6 +374,21 @@ CASES = [
     Case("pickled weights only (pytorch_model.bin)", _on_model(_pickled), "holds pickled weights"),
     Case("NaN in a weight", _on_model(_nan_weight), "weight model.layers.1.mlp.up_proj.weight holds NaN"),
     Case("a model without repeated decoder blocks", _on_model(_no_blocks), "found no repeated decoder blocks"),
+    Case("a config with 3 layers and weights for 2", _on_model(_config_says("three", num_hidden_layers=3)),
+         "config.json declares 3 decoder layers but"),
+    Case("the same with `--offload disk`",
+         lambda c: ["prune", *c.quick(_config_says("three", num_hidden_layers=3)(c)), "--offload", "disk"],
+         "config.json declares 3 decoder layers but"),
+    Case("a config with `num_hidden_layers` 1000000 and weights for 2",
+         _on_model(_config_says("million", num_hidden_layers=1000000)), "declares 1000000 decoder layers but"),
+    Case("a weight missing from the safetensors",
+         _on_model(_weights_edited("missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))),
+         "lacks the weights model.layers.1.mlp.up_proj.weight"),
+    Case("a safetensors header with a transposed shape", _on_model(_weights_edited("transposed", _transpose_up_proj)),
+         "model.layers.1.mlp.up_proj.weight is stored as (64, 96), the model needs (96, 64)"),
+    Case("the same with `--offload disk`",
+         lambda c: ["prune", *c.quick(_weights_edited("transposed", _transpose_up_proj)(c)), "--offload", "disk"],
+         "model.layers.1.mlp.up_proj.weight is stored as (64, 96), the model needs (96, 64)"),
     Case("zero-shot `--tasks` with a tokenizer that has no eos token",
          lambda c: ["prune", *c.quick(_no_eos(c)), "--tasks", "arc_easy", "--data-dir", str(_with_arc_easy(c))],
          "no end-of-sequence token"),
@@ -262,6 +427,7 @@ CASES = [
                     *c.quick(c.file("m.gguf", b"GGUF\x03\x00garbage"))], "is a file; point $ZPRUNER_CACHE"),
     # sweep grids
     Case("grid `seeds = [\"x\"]`", _sweep_grid('seeds = ["x"]\n'), "seed (--seed) must be an integer"),
+    Case("grid `seeds = [-1]`", _sweep_grid('seeds = [-1]\n'), "seed (--seed) must be an integer >= 0, got -1"),
     Case("grid `nsamples = [\"x\"]`", _sweep_grid('nsamples = ["x"]\n'), "nsamples (--nsamples) must be an integer"),
     Case("grid `seqlen = \"abc\"`", _sweep_grid('seqlen = "abc"\n'), "seqlen (--seqlen) must be an integer"),
     Case("grid `ec_clamp = 5`", _sweep_grid("ec_clamp = 5\n"), "must be two finite numbers LO,HI"),
@@ -298,16 +464,38 @@ def run_case(case: Case, ctx: Ctx, capsys, monkeypatch) -> tuple[int, str]:
         name, value = argv.pop(0)[4:].split("=", 1)
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(zpruner.workspace, "prune", _interrupt if case.code == 130 else _never_prune)
-    before = sorted(p.relative_to(ctx.tmp) for p in ctx.tmp.rglob("*"))
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
+    before = _snapshot(ctx.tmp)
+    with monkeypatch.context() as simulated:
+        if case.simulate is not None:
+            case.simulate(ctx, simulated)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
     err = capsys.readouterr().err
-    after = sorted(p.relative_to(ctx.tmp) for p in ctx.tmp.rglob("*") if not p.is_relative_to(ctx.tmp / "cache"))
-    created = [str(p) for p in after if p not in before and not (ctx.tmp / p).is_relative_to(ctx.tmp / "cache")]
+    after = _snapshot(ctx.tmp)
+    created = [str(p) for p in after if p not in before]
     assert not created, f"{case.what}: wrote {created}"
+    changed = [str(p) for p in before if after.get(p) != before[p]]
+    assert not changed, f"{case.what}: changed {changed}"
     return code, err
+
+
+def _snapshot(folder: Path) -> dict[Path, object]:
+    """What is in ``folder`` (the GGUF cache left out): a file's bytes, a link's target, a
+    FIFO's or device's kind; never read through a link or from a pipe."""
+    seen = {}
+    for path in folder.rglob("*"):
+        if path.is_relative_to(folder / "cache"):
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            seen[path.relative_to(folder)] = ("link", os.readlink(path))
+        elif stat.S_ISREG(mode):
+            seen[path.relative_to(folder)] = path.read_bytes()
+        else:
+            seen[path.relative_to(folder)] = stat.S_IFMT(mode)
+    return seen
 
 
 def _normalise(text: str, ctx: Ctx) -> str:
@@ -328,7 +516,7 @@ def test_bad_input_gets_one_line_and_its_exit_code(case, ctx, capsys, monkeypatc
     code, err = run_case(case, ctx, capsys, monkeypatch)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == case.code, err
-    assert len(lines) == 1 and case.expect in lines[0], err
+    assert len(lines) == 1 and case.expect in _normalise(lines[0], ctx), err
     assert "Traceback" not in err
 
 
@@ -361,3 +549,9 @@ def test_readme_table_is_generated_from_these_cases(tmp_path, tiny_model_dir, ti
     assert text == generated, ("README's bad-input table differs from the cases; regenerate it with "
                                "ZPRUNER_UPDATE_README=1 .venv/bin/python -m pytest tests/test_bad_inputs.py")
     assert len(CASES) >= 40
+
+
+def test_dev_null_stays_a_character_device(ctx, capsys, monkeypatch):
+    case = next(c for c in CASES if c.what.startswith("`--output-json /dev/null`"))
+    assert run_case(case, ctx, capsys, monkeypatch)[0] == 2
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

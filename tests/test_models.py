@@ -78,7 +78,8 @@ def test_device_and_dtype_resolution():
     auto = resolve_device("auto")
     assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda"), torch.float16) == torch.float16  # a float16 model's own
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32  # no dtype in its config
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ZprunerError, match="not understood"):
         resolve_device("tpu-please")

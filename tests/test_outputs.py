@@ -2,6 +2,7 @@
 permissions follow the umask; a damaged cache is rebuilt; bars are throttled in logs."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -17,9 +18,10 @@ import transformers
 
 from zpruner.cli import main
 from zpruner.errors import ZprunerError
-from zpruner.io import MANIFEST, check_model_target, remove_stale_temporaries, save_folder_atomic, write_json_atomic
+from zpruner.io import MANIFEST, check_model_target, save_folder_atomic, write_json_atomic
 from zpruner.progress import LOG_INTERVAL_S, bar
 from zpruner.results import replace_non_finite
+from zpruner.temporaries import remove_stale_temporaries
 
 
 def quick(model_dir, data_dir, *extra):
@@ -62,8 +64,10 @@ def test_foreign_folder_is_never_replaced_even_with_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
-@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])  # KeyboardInterrupt: Ctrl-C
-def test_a_failing_write_leaves_nothing_and_keeps_the_previous_model(tmp_path, failure):
+# KeyboardInterrupt: Ctrl-C; the disk's errors become one line naming the target
+@pytest.mark.parametrize("failure, raised", [(OSError(errno.ENOSPC, "No space left on device"), ZprunerError),
+                                             (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_a_failing_write_leaves_nothing_and_keeps_the_previous_model(tmp_path, failure, raised):
     target = tmp_path / "m"
     save_folder_atomic(target, _write_marker("old"), {})
 
@@ -71,26 +75,74 @@ def test_a_failing_write_leaves_nothing_and_keeps_the_previous_model(tmp_path, f
         (folder / "half").write_text("partial")
         raise failure
 
-    with pytest.raises(type(failure)):
+    with pytest.raises(raised):
         save_folder_atomic(target, broken, {}, overwrite=True)
     assert (target / "weights.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_stale_temporaries_of_dead_runs_only_are_removed(tmp_path):
-    target = tmp_path / "m"
+def _dead_pid() -> int:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"m.tmp-{dead.pid}-abc"
-    live = tmp_path / f"m.tmp-{os.getpid()}-def"
-    foreign = tmp_path / f"m.tmp-{dead.pid}-user"  # the user's own folder of a similar name
-    for folder in (stale, live, foreign):
-        folder.mkdir()
-    (stale / ".zpruner-partial").touch()
-    (live / ".zpruner-partial").touch()
+    return dead.pid
+
+
+def _temporary(parent: Path, name: str, pid: int, token: str, marker_token: str | None = None) -> Path:
+    """A folder as zpruner names and marks its temporaries (``marker_token``: a marker that
+    does not match the name)."""
+    folder = parent / f"{name}{pid}-{token}"
+    folder.mkdir()
+    (folder / ".zpruner-partial").write_text(json.dumps({"pid": pid, "token": marker_token or token}))
+    (folder / "model.safetensors").write_text("half a model")
+    return folder
+
+
+def test_stale_temporaries_of_dead_runs_only_are_removed(tmp_path):
+    target, dead = tmp_path / "m", _dead_pid()
+    stale = _temporary(tmp_path, "m.tmp-", dead, "abc")
+    live = _temporary(tmp_path, "m.tmp-", os.getpid(), "def")
+    forged = _temporary(tmp_path, "m.tmp-", dead, "ghi", marker_token="other")  # a marker of another name
+    foreign = tmp_path / f"m.tmp-{dead}-user"  # the user's own folder of a similar name
+    foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert remove_stale_temporaries(target) == [stale]
-    assert not stale.exists() and live.exists() and (foreign / "notes.txt").exists()
+    assert not stale.exists() and live.exists() and forged.exists() and (foreign / "notes.txt").exists()
+
+
+def test_a_users_backup_named_like_a_temporary_survives_overwrite(tmp_path, capsys, tiny_model_dir, tiny_data_dir):
+    """Issue 32: a complete model the user saved as X.tmp-20240101-backup (a zpruner output,
+    with zpruner.json and an old-style empty marker) beside --save X --overwrite."""
+    out, backup = tmp_path / "X", tmp_path / "X.tmp-20240101-backup"
+    base = ["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--no-eval", "--save"]
+    assert main([*base, str(backup)]) == 0
+    (backup / ".zpruner-partial").touch()
+    before = {p.name: p.read_bytes() for p in backup.iterdir()}
+    assert main([*base, str(out)]) == 0
+    assert main([*base, str(out), "--overwrite", "--sparsity", "0.3"]) == 0
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X", "X.tmp-20240101-backup"]
+
+
+def test_a_killed_work_folder_creation_is_removed_when_a_run_starts(tmp_path, tiny_model_dir, tiny_data_dir):
+    work, dead = tmp_path / "w", _dead_pid()
+    stale = _temporary(tmp_path, ".w.tmp-", dead, "abc")
+    users = tmp_path / f".w.tmp-{dead}-mine"
+    users.mkdir()
+    argv = ["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--no-eval", "--offload", "disk",
+            "--work-dir", str(work)]
+    assert main(argv) == 0
+    assert not stale.exists() and users.exists() and not work.exists()
+
+
+def test_a_killed_cache_conversion_is_removed_before_the_next(tmp_path):
+    from zpruner.io import create_folder_atomic
+
+    target, dead = tmp_path / "cache" / "model-1234", _dead_pid()
+    target.parent.mkdir()
+    stale = _temporary(target.parent, "model-1234.tmp-", dead, "abc")
+    create_folder_atomic(target, _write_marker("converted"), lambda existing: False)
+    assert not stale.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["weights.txt"]  # the marker went with the temporary name
 
 
 def test_outputs_follow_the_umask(tmp_path):
@@ -172,8 +224,8 @@ if where == "write":
             time.sleep(120)
         return original_save(target, slow_write, manifest, overwrite)
 
-    import zpruner.runner
-    zpruner.runner.save_folder_atomic = slow_save
+    import zpruner.saving
+    zpruner.saving.save_folder_atomic = slow_save
 else:
     original_exchange = zio._exchange
 

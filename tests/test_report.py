@@ -53,8 +53,8 @@ def report_of(folder: Path, lines: list[dict], name: str = "results") -> str:
 
 
 def tables_of(markdown: str) -> str:
-    """The report below its list of input files."""
-    return markdown.split("\n## ", 1)[1]
+    """The report below its list of input files, without the marker line (its hash covers the list)."""
+    return markdown.split("\n## ", 1)[1].rsplit("<!-- written by zpruner report", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -367,3 +367,48 @@ def test_best_configuration_and_owl_block_sparsities(tmp_path, markdown):
     assert rows["50 %"] == ["wanda+owl", "55.00", "61.02", "0.901"]
     _, rows, _ = table(section, "Per-block sparsity")
     assert rows["wanda+owl"] == ["50 %", "46.0", "54.0", "46.0 50.0 54.0"]
+
+
+def test_report_replaces_only_its_own_unedited_files_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    write_report([FIXTURE], out)
+    first = (out / "report.md").read_text()
+    assert first.splitlines()[-1].startswith("<!-- written by zpruner report")
+    write_report([FIXTURE], out, title="again")  # its own, unedited: replaced
+    assert (out / "report.md").read_text().startswith("# again\n")
+
+    (out / "report.md").write_text((out / "report.md").read_text().replace("# again", "# my notes"))
+    with pytest.raises(ZprunerError, match="report.md exists and zpruner report did not write it"):
+        write_report([FIXTURE], out)
+    assert (out / "report.md").read_text().startswith("# my notes\n")  # untouched
+    write_report([FIXTURE], out, overwrite=True)
+    assert (out / "report.md").read_text().startswith("# zpruner report\n")
+
+
+@pytest.mark.parametrize("name", ["report.md", "ppl_by_pattern_1.png"])
+def test_report_refuses_a_file_it_did_not_write(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the user's own")
+    with pytest.raises(ZprunerError, match=f"{name} exists and zpruner report did not write it"):
+        write_report([FIXTURE], out)
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes() == b"the user's own"
+    write_report([FIXTURE], out, overwrite=True)
+    assert (out / name).read_bytes() != b"the user's own"
+
+
+def test_report_never_writes_through_a_link_or_into_a_pipe(tmp_path):
+    import os
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere.md"
+    out.mkdir()
+    elsewhere.write_text("kept")
+    (out / "report.md").symlink_to(elsewhere)
+    with pytest.raises(ZprunerError, match="report.md is a symbolic link"):
+        write_report([FIXTURE], out, overwrite=True)
+    assert elsewhere.read_text() == "kept" and (out / "report.md").is_symlink()
+    (out / "report.md").unlink()
+    os.mkfifo(out / "ppl_vs_calibration.png")
+    with pytest.raises(ZprunerError, match="is a named pipe"):
+        write_report([FIXTURE], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["ppl_vs_calibration.png"]

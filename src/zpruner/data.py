@@ -39,9 +39,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     if chosen is None:
         return None
+    option = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
     path = Path(chosen).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ZprunerError(f"data directory {path} ({option}) is a file, not a folder; give the folder with the "
+                           "layout of shared/data")
     if not path.is_dir():
-        raise ZprunerError(f"data directory {path} does not exist; fix --data-dir or ${DATA_DIR_ENV}")
+        raise ZprunerError(f"data directory {path} does not exist; fix {option}")
     return path
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ZprunerError
+from .io import write_failure
 from .layers import find_blocks
 from .offload import Blocks
 from .progress import bar
@@ -187,8 +188,16 @@ def spilled(hidden: list[torch.Tensor], folder: Path) -> Spilled:
     values); the file is unlinked at once, so it goes when the tensors do, whatever happens."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=folder)
-    os.close(fd)
     total = sum(h.numel() * h.element_size() for h in hidden)
+    try:
+        # the blocks now, not as pages are first written: a full disk under a memory map is
+        # a SIGBUS that kills the process, under fallocate one error line
+        os.posix_fallocate(fd, 0, max(total, 1))
+    except OSError as exc:
+        os.unlink(name)
+        raise write_failure(f"the calibration activations to {folder} (--activations disk)", exc) from None
+    finally:
+        os.close(fd)
     storage = torch.from_file(name, shared=True, size=total, dtype=torch.uint8)
     os.unlink(name)
     out, offset = Spilled(), 0

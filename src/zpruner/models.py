@@ -24,7 +24,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ZprunerError
 from .experts import use_eager_experts
-from .io import create_folder_atomic
+from .io import check_output_folder, create_folder_atomic
 from .weights import WeightSource, check_weights, stored_layer_count
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,38 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on the CPU (half-precision matmuls there are slow and lossy) and
-    float16 on a GPU, as in the papers."""
+def resolve_dtype(dtype: str, device: torch.device, own: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype. 'auto' is float32 on the CPU (half-precision matmuls there are slow
+    and lossy) and the model's ``own`` dtype (``source_dtype``) elsewhere: float16 only for a
+    float16 model (a bfloat16-trained family can overflow in float16, the 2023 papers' habit
+    for LLaMA-1/2), float32 when the model's config names no dtype zpruner computes in."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return torch.float32 if device.type == "cpu" or own is None else own
     return DTYPES[dtype]
+
+
+def save_dtype(dtype: str, own: torch.dtype | None) -> torch.dtype:
+    """The dtype ``--save`` writes: 'auto' is the model's own (float32 when its config names
+    none of float32, bfloat16, float16)."""
+    if dtype == "auto":
+        return own if own is not None else torch.float32
+    return DTYPES[dtype]
+
+
+def source_dtype(source: Path | str) -> torch.dtype | None:
+    """The dtype of the model's stored weights as its config.json says (``dtype``, or the older
+    ``torch_dtype``), when it is one of ``DTYPES``; else None."""
+    try:
+        if isinstance(source, Path):
+            config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        else:
+            from transformers import PretrainedConfig
+
+            config = PretrainedConfig.get_config_dict(source)[0]
+    except (OSError, ValueError):  # loading the model names the problem
+        return None
+    value = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    return DTYPES.get(str(value).removeprefix("torch.")) if value is not None else None
 
 
 def cache_dir() -> Path:
@@ -143,6 +169,9 @@ def convert_gguf(path: Path) -> Path:
         if damage is None:
             return target
         log.warning("the cached conversion %s is damaged (%s); converting again", target, damage)
+    # before the conversion's half minute, not after it
+    check_output_folder(f"the cache (${CACHE_ENV})", target.parent)
+    if target.exists():
         shutil.rmtree(target)
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,7 +193,8 @@ def convert_gguf(path: Path) -> Path:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        # hidden files are zpruner's marker of an unfinished folder, not part of the copy
+        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
         (folder / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path), "files": files}) + "\n")
 
     # another process may finish the same conversion first: its complete copy is as good
@@ -194,7 +224,7 @@ def load_skeleton(config: ModelConfig) -> tuple[nn.Module, object, Path | str]:
 
     source = model_source(config)
     device = resolve_device(config.device)
-    model = _skeleton(config, source, resolve_dtype(config.dtype, device))
+    model = _skeleton(config, source, resolve_dtype(config.dtype, device, source_dtype(source)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -277,7 +307,7 @@ def load_model(config: ModelConfig) -> tuple[nn.Module, object]:
 
     device = resolve_device(config.device)
     source = model_source(config)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, source_dtype(source))
     if isinstance(source, Path):
         _skeleton(config, source, dtype)  # the weights checked before from_pretrained fills a gap randomly
     try:

@@ -184,8 +184,8 @@ def run_key(config: RunConfig | dict) -> str:
     live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
     lack newer fields: absent and None count the same)."""
     d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "overwrite", "protocol", "schema_version", "dense_baseline",
-                 *EXECUTION_OPTIONS):
+    for name in ("data_dir", "output_json", "save", "save_dtype", "overwrite", "protocol", "schema_version",
+                 "dense_baseline", *EXECUTION_OPTIONS):
         d.pop(name, None)
     if d.get("prune") is not None:
         d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
@@ -250,18 +250,30 @@ def _check_result(result, where: str) -> RunResult:
 
 
 NOT_JSON = object()  # json_lines' value of a line that does not parse
+NOT_OBJECT = object()  # json_lines' value of a line that parses to something else than an object
+SKIPPED = {NOT_JSON: "is not valid JSON", NOT_OBJECT: "is not a JSON object"}
+
+
+def skipped_line(path: Path, number: int, kind) -> None:
+    """The notice of a results line that json_lines found to be no object."""
+    log.warning("%s: line %d %s%s; skipped", path, number, SKIPPED[kind],
+                " (cut short by a killed run?)" if kind is NOT_JSON else "")
 
 
 def json_lines(text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank line of a JSON-lines text; the value
-    is ``NOT_JSON`` where the line does not parse (a run killed while appending)."""
+    """(line number, parsed object) of each non-blank line of a JSON-lines text; the value
+    is ``NOT_JSON`` where the line does not parse (a run killed while appending) and
+    ``NOT_OBJECT`` where it is JSON but no object (``[]``): no result either way, so the
+    sweep and the report both skip such a line with a notice (``SKIPPED`` says why)."""
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            parsed = json.loads(line)
         except json.JSONDecodeError:
             yield number, NOT_JSON
+            continue
+        yield number, parsed if isinstance(parsed, dict) else NOT_OBJECT
 
 
 def _read_text(path: Path) -> str:
@@ -295,17 +307,17 @@ def _load_file(path: Path) -> list[RunResult]:
     text = _read_text(path)
     if path.suffix == ".json":
         return [_parse_json(text, path)] if text.strip() else []
-    results, broken = [], []
+    results, skipped = [], {}
     for number, parsed in json_lines(text):
-        if parsed is NOT_JSON:
-            broken.append(number)
+        if not isinstance(parsed, dict):  # NOT_JSON or NOT_OBJECT
+            skipped[number] = parsed
         else:
             results.append(_check_result(parsed, f"{path} line {number}"))
-    if broken and not results:
-        raise ZprunerError(f"{path} line {broken[0]} is not valid JSON, nor is any other line; {HINT}")
-    if broken:
-        log.warning("%s: line %s is not valid JSON (cut short by a killed run?); skipped",
-                    path, ", ".join(map(str, broken)))
+    if skipped and not results:
+        number, kind = next(iter(skipped.items()))
+        raise ZprunerError(f"{path} line {number} {SKIPPED[kind]}, nor is any other line a result; {HINT}")
+    for number, kind in skipped.items():
+        skipped_line(path, number, kind)
     return results
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import platform
 import resource
 import tempfile
@@ -18,14 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import WorkDir, checkpoint_options, default_work_dir, save_streamed, sparsity_of
+from .checkpoint import WorkDir, checkpoint_options, default_work_dir, sparsity_of
 from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
-from .data import token_digest
+from .data import resolve_data_dir, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .io import check_model_target, check_output_file, save_folder_atomic, write_json_atomic
+from .io import (check_free_space, check_model_target, check_output_file, check_output_folder, is_results_file,
+                 same_file_system, write_json_atomic)
 from .layers import check_pattern, find_blocks, measure_sparsity
+from .models import save_dtype
 from .results import replace_non_finite, run_key
+from .saving import save_model, save_streamed
 from .workspace import Workspace
 from .zeroshot import run_tasks
 
@@ -57,20 +59,74 @@ class Timer(dict):
 
 
 def check_output_paths(config: RunConfig) -> None:
-    """Refuse before any work when an output could not be written at the end."""
+    """Refuse before any work when an output could not be written at the end, or one output
+    would land in another (which replaces or removes it whole)."""
+    outputs = {}
     if config.output_json is not None:
-        check_output_file("--output-json", config.output_json)
+        outputs["--output-json"] = check_output_file("--output-json", config.output_json, own=is_results_file)
     if config.save is not None:
-        check_model_target(config.save, config.overwrite)
+        outputs["--save"] = check_model_target(config.save, config.overwrite)
+    if config.work_dir is not None:
+        outputs["--work-dir"] = check_output_folder("--work-dir", config.work_dir)
+    _check_apart(outputs)
 
 
-def save_model(directory: str | os.PathLike, model: nn.Module, tokenizer, manifest: dict, overwrite: bool) -> None:
-    """save_pretrained (safetensors) and the tokenizer, swapped in when complete (zpruner.io)."""
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+# (inner, outer): why ``inner`` cannot be ``outer`` or inside it
+_APART = {
+    ("--output-json", "--save"): "the saved model takes that folder's place whole",
+    ("--work-dir", "--save"): "the saved model takes that folder's place whole",
+    ("--save", "--work-dir"): "the work folder is removed when the run ends",
+    ("--output-json", "--work-dir"): "the work folder is removed when the run ends",
+}
 
-    save_folder_atomic(directory, write, manifest, overwrite)
+
+def _check_apart(outputs: dict[str, Path]) -> None:
+    for (inner, outer), why in _APART.items():
+        if inner in outputs and outer in outputs and outputs[inner].is_relative_to(outputs[outer]):
+            where = "is" if outputs[inner] == outputs[outer] else "is inside"
+            raise ZprunerError(f"{inner} {outputs[inner]} {where} {outer} {outputs[outer]}: {why}; "
+                               f"give {inner} a place of its own, beside it")
+
+
+# An estimate's margin (safetensors headers, the index, state files), and beside a saved
+# model's weights its config, tokenizer (tens of MB for some vocabularies) and manifest
+SPACE_MARGIN, SPACE_RESERVE_BYTES = 1.05, 32 << 20
+
+
+def space_needed(config: RunConfig, model: nn.Module, compute: torch.dtype, stored: torch.dtype,
+                 work: Path | None) -> list[tuple[str, Path, int]]:
+    """What the run will write to disk, (what, where, bytes), estimated from the number of
+    weights: ``--save`` in the ``stored`` dtype; for a streamed run (``work``) the block shards
+    (in ``stored`` when pruning only masks, see WorkDir) and the activations entering a block
+    (two blocks' worth at a step; less what a resumed run's work folder holds already);
+    ``--activations disk`` files."""
+    if config.prune is None:
+        return []
+
+    def size(numel: int, dtype: torch.dtype) -> int:
+        return numel * torch.empty((), dtype=dtype).element_size()
+
+    everything = sum(p.numel() for p in model.parameters())
+    inside = sum(p.numel() for p in find_blocks(model).parameters())
+    shards = compute if config.prune.changes_kept_weights else stored
+    hidden = getattr(model.config, "hidden_size", 0) or 0
+    activations = size(config.prune.nsamples * config.prune.seqlen * hidden, compute) \
+        if config.prune.needs_calibration else 0
+    spilled = activations if config.activations == "disk" else 0
+    needs = []
+    if work is not None:
+        done = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
+        needs.append((f"the work folder {work}", work,
+                      int(max(0, size(inside, shards) + 2 * activations + spilled - done) * SPACE_MARGIN)))
+    elif spilled:
+        needs.append(("the activations on disk", Path(tempfile.gettempdir()), int(spilled * SPACE_MARGIN)))
+    if config.save is not None:
+        target = Path(config.save).expanduser().resolve()
+        linked = work is not None and shards == stored and same_file_system(work, target.parent)
+        blocks = 0 if linked else size(inside, stored)  # hard links to the work folder's shards take no space
+        weights = size(everything - inside, stored) + blocks
+        needs.append((f"--save {target}", target.parent, int(weights * SPACE_MARGIN) + SPACE_RESERVE_BYTES))
+    return needs
 
 
 def check_context(model: nn.Module, seqlen: int, option: str) -> None:
@@ -140,6 +196,7 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     check_output_paths(config)
     if config.prune is None and config.save is not None:
         raise ZprunerError("--save needs pruning; 'zpruner eval' only measures a model")
+    resolve_data_dir(config.data_dir)  # a wrong folder stops the run before the model loads
     if workspace is None:
         workspace = Workspace(config.model, config.data_dir, offload_mode=config.offload)
     elif (workspace.model_config, workspace.data_dir) != (config.model, config.data_dir):
@@ -151,15 +208,20 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     with timer.phase("load"):
         model, tokenizer = workspace.dense_model()
     _check_model(model, tokenizer, config, workspace.streamed)
-    work = None
-    if config.prune is not None and workspace.streamed:
-        work = WorkDir(Path(config.work_dir).expanduser() if config.work_dir else
-                       default_work_dir(config.save, config.output_json, config.model.name),
-                       run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
-                       config.prune.needs_calibration)
-    elif config.resume:
+    stored = save_dtype(config.save_dtype, workspace.own_dtype)
+    streamed = config.prune is not None and workspace.streamed
+    if config.resume and not streamed:
         raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
                            "keeps checkpoints")
+    work_path = None
+    if streamed:
+        work_path = (Path(config.work_dir).expanduser() if config.work_dir else
+                     default_work_dir(config.save, config.output_json, config.model.name))
+    check_free_space(space_needed(config, model, workspace.dtype, stored, work_path))
+    work = None
+    if streamed:
+        work = WorkDir(work_path, run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
+                       config.prune.needs_calibration, stored)
     calibration = None
     if config.prune is not None:
         with timer.phase("calibration"):
@@ -220,9 +282,9 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
     replace_non_finite(results)
     manifest = {"config": results["config"], "versions": results["versions"]}
     if config.save is not None and work is not None:
-        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite)
+        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite, stored)
     elif config.save is not None:
-        save_model(config.save, model, tokenizer, manifest, config.overwrite)
+        save_model(config.save, model, tokenizer, manifest, config.overwrite, stored)
     if config.output_json is not None:
         write_json_atomic(config.output_json, results)
     if work is not None:

@@ -15,6 +15,7 @@ import fcntl
 import itertools
 import logging
 import os
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +27,11 @@ import yaml
 from .checks import check_bool, check_int, check_str
 from .config import RunConfig, ZeroShotConfig, check_prune_field
 from .errors import ZprunerError
-from .io import check_output_file, dumps_json
+from .io import check_output_file, dumps_json, refuse_special, write_failure
 from .masks import Pattern
 from .protocols import check_protocol
 from .registry import constants
-from .results import NOT_JSON, RunResult, config_key, json_lines, read_result, replace_non_finite, run_key
+from .results import RunResult, config_key, json_lines, read_result, replace_non_finite, run_key, skipped_line
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +203,13 @@ def read_done(path: Path) -> set[str]:
     if not path.exists():
         return done
     for lineno, parsed in json_lines(path.read_text(encoding="utf-8")):
-        if parsed is not NOT_JSON:
-            try:
-                done.add(config_key(parsed))
-                continue
-            except ZprunerError:
-                pass
-        log.warning("%s:%d is not a sweep result line; ignored", path, lineno)
+        if not isinstance(parsed, dict):  # NOT_JSON or NOT_OBJECT
+            skipped_line(path, lineno, parsed)
+            continue
+        try:
+            done.add(config_key(parsed))
+        except ZprunerError:  # a result this sweep cannot read: its configuration runs again
+            log.warning("%s: line %d is not a sweep result line; ignored", path, lineno)
     return done
 
 
@@ -216,8 +217,14 @@ def append_line(path: Path, entry: dict) -> None:
     """One complete line per finished run, written with a single call under an exclusive
     lock, so sweeps sharing a results file never interleave or split lines."""
     data = (dumps_json(entry) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:  # ELOOP: a link put there since the check
+        raise write_failure(f"--results {path}", exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            refuse_special("--results", path)
+            raise ZprunerError(f"--results {path} is not a regular file; give a new path")
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a run died mid-line: start a fresh one

@@ -11,6 +11,8 @@ import copy
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -304,11 +306,67 @@ def release(module: nn.Module) -> None:
                 owner._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
-def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+def round_to(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t`` (the weight ``name``) in ``dtype``, rounded once. A zero stays a zero and a
+    non-zero stays a non-zero: a kept weight too small for ``dtype`` (below float16's 6e-8)
+    becomes its smallest value of the same sign, so the sparsity and every N:M group stay
+    exact; a value beyond ``dtype``'s range is an error."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    lost = (out == 0) & (t != 0)
+    if lost.any():
+        info = torch.finfo(dtype)
+        smallest = torch.tensor(info.tiny * info.eps, dtype=t.dtype)  # the smallest subnormal
+        out[lost] = torch.copysign(smallest, t[lost]).to(dtype)
+    if not torch.isfinite(out).all():
+        raise ZprunerError(f"weight {name} holds values beyond the range of {str(dtype).removeprefix('torch.')} "
+                           f"(up to {torch.finfo(dtype).max:g}); save in bfloat16 or float32 (--save-dtype)")
+    return out
+
+
+def exactly_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that holds each of its values exactly (a kept weight of a
+    bfloat16 model that pruning only masked), else ``t`` unchanged: a shard stored so reads
+    back the very values computed with."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    small = t.to(dtype)
+    return small if torch.equal(small.to(t.dtype), t) else t
+
+
+@contextmanager
+def stored_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The model's parameters rounded to ``dtype`` (``round_to``) meanwhile, its config saying
+    so (as ``save_pretrained`` writes it); then back in their own dtypes, holding the rounded
+    values. In place: a copy of the weights could exceed the memory the model fits in."""
+    own = {name: p.dtype for name, p in model.named_parameters()}
+    config_dtype = model.config.dtype
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = round_to(p.data, dtype, name)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.data = p.data.to(own[name])
+        model.config.dtype = config_dtype
+
+
+def stored_dtypes(path: Path) -> set[torch.dtype]:
+    """The dtypes of the floating tensors of a safetensors file, from its header."""
+    header, _ = _header(path)
+    dtypes = {_DTYPES.get(entry["dtype"]) for key, entry in header.items() if key != "__metadata__"}
+    return {d for d in dtypes if d is None or d.is_floating_point}
+
+
+def write_shard(folder: Path, file: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None,
                 metadata: dict[str, str] | None = None) -> None:
     """One safetensors shard, written under a temporary name and renamed: a shard present is
-    complete. ``metadata``: strings stored in its header beside transformers' ``format``."""
-    data = {name: (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
+    complete. Floating tensors go in ``dtype`` (None: each in its own). ``metadata``: strings
+    stored in its header beside transformers' ``format``."""
+    data = {name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous().cpu()
             for name, t in tensors.items()}
     tmp = folder / f".{file}.tmp-{os.getpid()}"
     try:

@@ -14,7 +14,8 @@ from .data import calibration as calibration_of
 from .data import eval_tokens, load_texts, token_digest
 from .errors import ZprunerError
 from .layers import find_blocks
-from .models import load_model, load_skeleton, local_weights, resolve_device, resolve_dtype
+from .models import (load_model, load_skeleton, local_weights, model_source, resolve_device, resolve_dtype,
+                     source_dtype)
 from .pruning import PruneReport, prune
 from .weights import WeightSource
 from .zeroshot import LoadedTasks, load_tasks
@@ -41,6 +42,7 @@ class Workspace:
         self.requested = offload_mode
         self.mode: str | None = None  # chosen when the model is first needed
         self.model: nn.Module | None = None
+        self.own_dtype: torch.dtype | None = None  # the stored weights' dtype (models.source_dtype)
         self.tokenizer = None
         self.blocks: offload.Blocks | None = None  # None: the model runs whole
         self._dense_blocks: offload.Blocks | None = None
@@ -59,12 +61,15 @@ class Workspace:
 
     def _load(self) -> None:
         device = resolve_device(self.model_config.device)
-        dtype = resolve_dtype(self.model_config.dtype, device)
         skeleton, tokenizer, source = (None, None, None)
         mode = self.requested
         if mode in ("auto", "disk"):
             skeleton, tokenizer, source = load_skeleton(self.model_config)
+            self.own_dtype = source_dtype(source)
+            dtype = resolve_dtype(self.model_config.dtype, device, self.own_dtype)
             mode = offload.choose(mode, offload.weight_bytes(skeleton, dtype), device)
+        else:
+            self.own_dtype = source_dtype(model_source(self.model_config))
         if mode == "disk":
             self.model, self.tokenizer = skeleton, tokenizer
             prefix = getattr(skeleton, "base_model_prefix", "")
@@ -73,8 +78,10 @@ class Workspace:
         else:
             del skeleton
             if mode == "cpu" and device.type != "cpu":
-                self.model, self.tokenizer = load_model(ModelConfig(self.model_config.name, self.model_config.dtype,
-                                                                    "cpu", self.model_config.trust_remote_code))
+                # held in CPU memory in the dtype its blocks compute in on the GPU
+                compute = str(resolve_dtype(self.model_config.dtype, device, self.own_dtype)).removeprefix("torch.")
+                self.model, self.tokenizer = load_model(ModelConfig(self.model_config.name, compute, "cpu",
+                                                                    self.model_config.trust_remote_code))
                 self._dense_blocks = offload.MovedBlocks(self.model, device)
             else:
                 mode = "none" if mode == "cpu" else mode  # no GPU: the model is in CPU memory either way
