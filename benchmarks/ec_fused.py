@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--shape", type=parse_shape, default="13824x5120", help="OUTxIN")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    from zpruner.rowpass import map_chunks, masked_copy
+    from zpruner.kernels.rowpass import map_chunks, masked_copy
     from zpruner.updates import energy_compensate_
 
     g = torch.Generator().manual_seed(0)

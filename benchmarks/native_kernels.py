@@ -1,4 +1,4 @@
-"""zpruner's compiled kernels (src/zpruner/*.c, built by zpruner.native) against the eager
+"""zpruner's compiled kernels (src/zpruner/kernels/*.c, built by zpruner.kernels.native) against the eager
 torch loops they replace, on LLaMA-2-13B-shaped layers: time, and how far the results move.
 
 - EC (columns then rows, clamp 0.8-1.25, from W0 and a random 50 % mask): the kernel sums
@@ -29,7 +29,8 @@ from layer_runtime import random_activations, random_layer
 
 
 def build_seconds() -> float:
-    from zpruner import native, sparsegpt, updates
+    from zpruner import sparsegpt, updates
+    from zpruner.kernels import native
 
     with tempfile.TemporaryDirectory() as cache:
         before = os.environ.get("ZPRUNER_CACHE")
@@ -38,7 +39,7 @@ def build_seconds() -> float:
         try:
             start = time.perf_counter()
             if None in (native.load(*updates._KERNEL), native.load(*sparsegpt._KERNEL)):
-                raise SystemExit("the kernels did not build here: see the zpruner.native log (no C compiler?)")
+                raise SystemExit("the kernels did not build here: see the zpruner.kernels.native log (no C compiler?)")
             return time.perf_counter() - start
         finally:
             native.load.cache_clear()

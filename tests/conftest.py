@@ -180,7 +180,8 @@ def fused(request):
     """The ``fused`` argument of EC and SparseGPT: their eager torch loops, then the compiled
     kernels (skipped where those cannot be built; test_native checks that they build
     wherever a C compiler exists)."""
-    from zpruner import native, sparsegpt, updates
+    from zpruner import sparsegpt, updates
+    from zpruner.kernels import native
 
     if request.param and None in (native.load(*updates._KERNEL), native.load(*sparsegpt._KERNEL)):
         pytest.skip("the native kernels could not be built here (no C compiler, or ZPRUNER_NATIVE=0)")

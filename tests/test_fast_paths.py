@@ -3,10 +3,10 @@ SparseGPT) against the textbook formulas they replaced, kept here verbatim as re
 import pytest
 import torch
 
-from zpruner import rowpass
+from zpruner.kernels import rowpass
 from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
-from zpruner.columns import column_norm, column_variance
+from zpruner.kernels.columns import column_norm, column_variance
 from zpruner.scores import cvr, ria, wanda, zpruner
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
@@ -221,7 +221,7 @@ def test_column_norm_is_torchs_bit_for_bit(shape, layout):
 def test_column_norm_probe_rejects_a_fused_multiply_add(monkeypatch):
     """A build of torch whose column sum fuses x·x + acc must get torch's own kernel: the
     probe tells the two sums apart."""
-    from zpruner import columns
+    from zpruner.kernels import columns
 
     def fused(W):
         total = torch.zeros(W.shape[1], dtype=torch.float64)
@@ -537,7 +537,8 @@ def test_zpruner_is_the_reference_with_and_without_its_compiled_passes(monkeypat
                                                                        compiled, shape):
     """Z-Pruner's compiled score pass, small-weight count and fast std sums (any size, on
     the CPU) against its torch passes (GPU, no compiler): the same bits."""
-    from zpruner import native, scores
+    from zpruner import scores
+    from zpruner.kernels import native
 
     if compiled and native.load(*scores._KERNEL) is None:
         pytest.skip("the native Z-Pruner kernel could not be built here")

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from zpruner import columns, lapack, masks, native, rowpass, scores, sparsegpt, updates
+from zpruner import masks, scores, sparsegpt, updates
+from zpruner.kernels import columns, lapack, native, rowpass
 from zpruner.stats import ActivationStats
 
 KERNELS = [updates._KERNEL, sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL, masks._KERNEL,

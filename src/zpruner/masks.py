@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from .kernels import native
 from .checks import is_number
 from .errors import ZprunerError
-from .rowpass import map_chunks, map_threads
+from .kernels.rowpass import map_chunks, map_threads
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import TypeVar
 
 import torch
 
-from .columns import column_norm, column_variance
+from .kernels.columns import column_norm, column_variance
 from .errors import ZprunerError
 from .registry import SCORES, Method, constant, get_method
-from . import native, rowpass
-from .rowpass import Scratch, map_chunks, map_threads, sum_parts
+from .kernels import native, rowpass
+from .kernels.rowpass import Scratch, map_chunks, map_threads, sum_parts
 from .stats import ActivationStats
 
 T = TypeVar("T")

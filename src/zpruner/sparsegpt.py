@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import lapack, native
+from .kernels import lapack, native
 from .errors import ZprunerError
 from .masks import Pattern, drop_lowest, drop_lowest_set, n_pruned
 from .registry import SOLVERS, UPDATES, constant
-from .rowpass import map_chunks
+from .kernels.rowpass import map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     singular), λ is raised tenfold with a warning and retried; never silently skipped.
 
     The reference's three steps (Cholesky, Cholesky inverse, upper Cholesky of the
-    inverse); on the CPU their LAPACK routines are called directly (``zpruner.lapack``):
+    inverse); on the CPU their LAPACK routines are called directly (``zpruner.kernels.lapack``):
     the same bits as torch.linalg's functions, without their triangle copies.
     """
     H = H.float()
@@ -112,7 +112,7 @@ def sparsegpt(
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
     ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns. On the
     CPU a block's column loop runs as compiled code (``sparsegpt_kernel.c``, built by
-    ``zpruner.native``), with the same bits, unless N:M groups are chosen in the loop
+    ``zpruner.kernels.native``), with the same bits, unless N:M groups are chosen in the loop
     (``fused``: see ``_kernel``).
 
     Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast

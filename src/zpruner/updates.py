@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native, rowpass
+from .kernels import native, rowpass
 from .errors import ZprunerError
 from .registry import UPDATES, constant
-from .rowpass import Scratch, map_chunks, mask_as_float, masked_copy, sum_parts
+from .kernels.rowpass import Scratch, map_chunks, mask_as_float, masked_copy, sum_parts
 
 _KERNEL = ("ec_kernel", (
     ("ec_column_energies", (native.POINTER,) * 4 + (native.INT64, native.INT64, native.POINTER, native.POINTER)),

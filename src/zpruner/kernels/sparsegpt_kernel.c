@@ -3,7 +3,7 @@
  * The eager loop runs four torch ops and a temporary per column of W, in Python; here
  * TILE output rows at a time are copied out transposed (the block's columns as rows of
  * TILE floats, in L1), worked off column by column with every step a vector over the
- * TILE rows, and copied back. Built by zpruner/native.py with -ffp-contract=off, so every
+ * TILE rows, and copied back. Built by zpruner/kernels/native.py with -ffp-contract=off, so every
  * value rounds as the reference's separate ops round it: err = (w - w * keep) / U[j][j],
  * then w[r] = w[r] - (U[j][r] * err) for r >= j. There is no sum: the bits are the
  * reference's, and the output rows are independent, so any split of them over threads or

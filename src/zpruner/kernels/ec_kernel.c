@@ -2,7 +2,7 @@
  *
  * The eager form (zpruner/updates.py) runs about twenty torch ops per chunk, each a pass
  * over the chunk; here a row is read once per pass and its 20 KB stay in L1. Built by
- * zpruner/native.py with -ffp-contract=off: every elementwise expression below rounds as
+ * zpruner/kernels/native.py with -ffp-contract=off: every elementwise expression below rounds as
  * torch's separate ops do, in their order (no fused multiply-add). Only the sums differ:
  * float64 accumulators in lanes instead of torch's float32 cascade, i.e. float32
  * reassociation of the sums, which updates.py allows above one chunk.

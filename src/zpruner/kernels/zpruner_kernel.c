@@ -1,7 +1,7 @@
 /* Z-Pruner's score from its operands, for a chunk of rows in one loop (zpruner/scores.py).
  *
  * The eager pass runs thirteen torch ops per chunk, each a pass over it; here each weight
- * is read once. Built by zpruner/native.py with -ffp-contract=off: every step rounds as
+ * is read once. Built by zpruner/kernels/native.py with -ffp-contract=off: every step rounds as
  * torch's op does, in its order (x³ is (x * x) * x, as torch's pow with exponent 3), and
  * there is no sum, so the score has the eager pass's bits.
  *

@@ -1,0 +1,1 @@
+"""CPU fast paths of zpruner's methods (docstring completed below)."""
