@@ -13,17 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import native, rowpass
 from .errors import ZprunerError
 from .registry import UPDATES, constant
 from .kernels.rowpass import Scratch, map_chunks, mask_as_float, masked_copy, sum_parts
-
-_KERNEL = ("ec_kernel", (
-    ("ec_column_energies", (native.POINTER,) * 4 + (native.INT64, native.INT64, native.POINTER, native.POINTER)),
-    ("ec_row_pass", (native.POINTER, native.POINTER, native.POINTER, native.INT, native.POINTER, native.POINTER,
-                     native.INT, native.FLOAT, native.FLOAT, native.INT64, native.INT64)),
-))
-
 
 def check_clamp(clamp: tuple[float, float]) -> None:
     lo, hi = clamp
@@ -67,7 +59,7 @@ def energy_scale(W0: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, dim: int
 
 def energy_compensate(
     W0: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, axes: tuple[str, ...] = ("col", "row"),
-    clamp: tuple[float, float] = (0.0, float("inf")), fused: bool | None = None,
+    clamp: tuple[float, float] = (0.0, float("inf")),
 ) -> torch.Tensor:
     """Energy compensation (statistical-correction paper, "EC"), in the order of ``axes``.
 
@@ -75,25 +67,13 @@ def energy_compensate(
     centred energy Σ_kept (W' − μ)² equals the dense slice's Σ (W0 − μ)²:
     W' = μ + clamp(γ)·(W − μ) on kept entries, 0 elsewhere. The clamp bounds how far one
     slice may be rescaled when most of its energy was pruned away. Returns a new tensor.
-    ``fused``: see ``ec_kernel``.
     """
-    return energy_compensate_(W0, W.float() * keep, keep, axes, clamp, fused)
-
-
-def ec_kernel(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, fused: bool | None = None):
-    """The compiled EC kernel (``ec_kernel.c``) if it builds and applies to these tensors,
-    else None. fused None: only for a matrix larger than a chunk, whose column sums are
-    reassociated anyway (a one-chunk matrix, every SmolLM2 layer, keeps the textbook bits);
-    True: whatever the size (tests); False: never."""
-    applies = (fused is not False and native.fits(W0) and native.fits(keep, dtype=torch.bool)
-               and keep.shape == W0.shape and (W is None or (native.fits(W) and W.shape == W0.shape))
-               and (fused or W0.numel() > rowpass.CHUNK_ELEMENTS))
-    return native.load(*_KERNEL) if applies else None
+    return energy_compensate_(W0, W.float() * keep, keep, axes, clamp)
 
 
 def energy_compensate_(
     W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, axes: tuple[str, ...] = ("col", "row"),
-    clamp: tuple[float, float] = (0.0, float("inf")), fused: bool | None = None,
+    clamp: tuple[float, float] = (0.0, float("inf")),
 ) -> torch.Tensor:
     """``energy_compensate`` in place on W: float32 [out, in], already zero where not kept;
     or W None for W0 masked by keep, then written to a new tensor (returned).
@@ -115,23 +95,17 @@ def energy_compensate_(
       arithmetic only, and moved the verified SmolLM2 +EC perplexities by up to 0.13 %.)
     - with W None, the masked copy of W0 is made chunk by chunk inside the first pass
       that writes W, not as a whole-matrix product with a bool mask beforehand.
-    On the CPU, a matrix larger than a chunk runs each pass as one compiled loop per row
-    (``ec_kernel``; ``fused`` as there): the same elementwise bits, every sum (rows too)
-    reassociated, in float64.
+    No compiled kernel: one summed in float64 (faster on large layers) gave other weights
+    above a chunk than these passes, so the same command gave other weights with a C
+    compiler and without, and torch's float32 sums are not reproducible in C across torch
+    versions and CPUs.
     """
     lo, hi = clamp
     W0 = W0.float()
-    kernel = ec_kernel(W0, W, keep, fused)
     fresh = W is None  # W still to be made: W0·keep, chunk by chunk in the first writing pass
     if fresh:
         W = torch.empty_like(W0)
     pending = None  # a column step's (μ, γ) whose rescale is still to be applied
-
-    def fused_pass(rows: slice, row_step: bool) -> None:
-        """The masked copy (if fresh), the pending column rescale and a row step, as asked."""
-        mu, gamma = (t.data_ptr() for t in pending) if pending is not None else (None, None)
-        kernel.ec_row_pass(W0[rows].data_ptr(), W[rows].data_ptr(), keep[rows].data_ptr(), fresh, mu, gamma,
-                           row_step, lo, hi, rows.stop - rows.start, W0.shape[1])
 
     def masked(rows: slice, kept: torch.Tensor) -> torch.Tensor:
         """W's rows: made from W0 in this pass if W is still fresh."""
@@ -151,12 +125,6 @@ def energy_compensate_(
 
         def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
             n = rows.stop - rows.start
-            if kernel:
-                e0, e = torch.zeros(2, W0.shape[1], dtype=torch.float64, device=W0.device)
-                kernel.ec_column_energies(W0[rows].data_ptr(), None if fresh else W[rows].data_ptr(),
-                                          keep[rows].data_ptr(), mu.data_ptr(), n, W0.shape[1], e0.data_ptr(),
-                                          e.data_ptr())
-                return e0, e
             kept = mask_as_float(keep[rows], scratch.get(0, n))
             buf = scratch.get(1, n)
             e0 = torch.sub(W0[rows], mu, out=buf).square_().sum(dim=0, keepdim=True)
@@ -168,18 +136,14 @@ def energy_compensate_(
             e = torch.sub(W[rows], mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
             return e0, e
 
-        parts = map_chunks(energies, W, 0 if kernel else 2)
-        e0, e = (sum_parts([part[i] for part in parts]).float().view(mu.shape) for i in (0, 1))
+        parts = map_chunks(energies, W, 2)
+        e0, e = (sum_parts([part[i] for part in parts]).view(mu.shape) for i in (0, 1))
         return mu, _gamma(e0, e).clamp(lo, hi)
 
     def column_rescale(rows: slice, scratch: Scratch) -> None:
-        if kernel:
-            return fused_pass(rows, row_step=False)
         current(rows, mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start)))
 
     def row_step(rows: slice, scratch: Scratch) -> None:
-        if kernel:
-            return fused_pass(rows, row_step=True)
         dense = W0[rows]
         kept = mask_as_float(keep[rows], scratch.get(1, dense.shape[0]))
         block = current(rows, kept)
@@ -195,15 +159,15 @@ def energy_compensate_(
             raise ZprunerError(f"EC axis '{axis}' is unknown; choose 'col' or 'row'")
     for axis in axes:
         if pending is not None and axis == "col":
-            map_chunks(column_rescale, W, 0 if kernel else 1)
+            map_chunks(column_rescale, W, 1)
             pending, fresh = None, False
         if axis == "col":
             pending = column_step()
         else:
-            map_chunks(row_step, W, 0 if kernel else 2)
+            map_chunks(row_step, W, 2)
             pending, fresh = None, False
     if pending is not None or fresh:  # a last column rescale, or no axes: just the masked copy
-        map_chunks(column_rescale, W, 0 if kernel else 1)
+        map_chunks(column_rescale, W, 1)
     return W
 
 
