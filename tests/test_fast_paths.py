@@ -1,13 +1,16 @@
 """The fast implementations (chunked scores and EC, threshold selection, row-parallel
-SparseGPT) against the textbook formulas they replaced, kept here verbatim as references."""
+SparseGPT) against the textbook formulas: the scores' from zpruner.scores, the others kept
+here verbatim as references."""
 import pytest
 import torch
 
-from zpruner.kernels import rowpass
+from zpruner import scores
+from zpruner.kernels import reductions, rowpass, score_passes
+from zpruner.kernels.columns import column_norm, column_variance
+from zpruner.kernels.score_passes import cvr, ria, zpruner
 from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
-from zpruner.kernels.columns import column_norm, column_variance
-from zpruner.scores import cvr, ria, wanda, zpruner
+from zpruner.registry import SCORES
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
 from zpruner.updates import energy_compensate, energy_compensate_
@@ -26,37 +29,6 @@ def ref_energy_compensate(W0, W, keep, axes=("col", "row"), clamp=(0.0, float("i
         gamma = torch.where(e > 0, (e0 / e.where(e > 0, 1.0)).sqrt(), torch.ones_like(e))
         W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
     return W
-
-
-def ref_ria(W, stats, a):
-    A = W.abs()
-    col_sum = A.sum(dim=0, keepdim=True)
-    row_sum = A.sum(dim=1, keepdim=True)
-    relative = A / col_sum.where(col_sum > 0, 1.0) + A / row_sum.where(row_sum > 0, 1.0)
-    return relative * stats.l2.pow(a)[None, :]
-
-
-def _standardised(X):
-    std = X.std()
-    return (X - X.mean()) / std.where(std > 0, 1.0)
-
-
-def ref_zpruner(W, stats):
-    A = W.abs()
-    row_norm = W.norm(dim=1, keepdim=True)
-    col_norm = W.norm(dim=0, keepdim=True)
-    z_row = _standardised(W / row_norm.where(row_norm > 0, 1.0))
-    z_col = _standardised(W / col_norm.where(col_norm > 0, 1.0))
-    small = (A < 0.1 * A.mean()).float().mean()
-    alpha = 0.7 * (1 - 0.3 * small)
-    importance = alpha * z_row.abs().pow(3) + (1 - alpha) * z_col.abs().pow(3)
-    return importance * stats.l2.pow(1.5)[None, :]
-
-
-def ref_cvr(W, stats, alpha, eps):
-    a = stats.var.pow(0.25)
-    c = (W.var(dim=0, unbiased=False) + eps).pow(-alpha / 2)
-    return W.abs() * (a * c)[None, :]
 
 
 def ref_drop_lowest(score, k):
@@ -144,10 +116,28 @@ def test_ec_rejects_an_unknown_axis():
 @pytest.mark.parametrize("offset", [0.0, 0.05])
 def test_scores_equal_the_reference_formulas(small_chunks, offset):
     W, stats, _ = layer(45, 61, seed=3, offset=offset)
-    assert_close_relative(ria(W, stats, a=0.5), ref_ria(W, stats, 0.5), 1e-6)
-    assert torch.equal(zpruner(W, stats), ref_zpruner(W, stats))
-    assert_close_relative(cvr(W, stats, alpha=1.0, eps=1e-6), ref_cvr(W, stats, 1.0, 1e-6), 1e-6)
-    assert torch.equal(wanda(W, stats), W.abs() * stats.l2[None, :])
+    assert torch.equal(ria(W, stats, a=0.5), scores.ria(W, stats, a=0.5))
+    assert torch.equal(zpruner(W, stats), scores.zpruner(W, stats))
+    assert torch.equal(cvr(W, stats, alpha=1.0, eps=1e-6), scores.cvr(W, stats, alpha=1.0, eps=1e-6))
+    assert torch.equal(scores.wanda(W, stats), W.abs() * stats.l2[None, :])
+
+
+def test_a_fast_version_runs_where_it_applies_and_the_formula_elsewhere():
+    with SCORES.registered("toy", lambda W, stats=None: W.abs(), default_group="row"):
+        SCORES.accelerate("toy", applies=lambda W, stats=None: W.shape[0] > 2)(lambda W, stats=None: -W.abs())
+        small, large = torch.ones(2, 3), torch.ones(3, 3)
+        assert torch.equal(SCORES["toy"](small, None, constants={}), small)
+        assert torch.equal(SCORES["toy"](large, None, constants={}), -large)
+        with pytest.raises(ValueError, match="already has a fast version"):
+            SCORES.accelerate("toy")(lambda W, stats=None: W)
+    with pytest.raises(ValueError, match="not registered"):
+        SCORES.accelerate("toy")(lambda W, stats=None: W)
+
+
+@pytest.mark.parametrize("name", ["ria", "zpruner", "cvr"])
+def test_registered_scores_run_their_fast_versions(name):
+    W, stats, _ = layer(45, 61, seed=3)
+    assert scores.get_score(name).implementation(W, stats) is getattr(score_passes, name)
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (45, 61), (300, 2), (1536, 576), (576, 1536), (768, 2304)])
@@ -217,12 +207,10 @@ def test_zpruner_fraction_of_small_weights_is_the_references_either_way(monkeypa
     """α's fraction of small weights is counted (exact below 2²⁴ per share, a chunk at a
     time) or, above, summed as floats as torch does: the same score both ways, on one
     share and on two."""
-    from zpruner import scores
-
-    monkeypatch.setattr(scores, "_EXACT_COUNT", count_limit)
+    monkeypatch.setattr(reductions, "_EXACT_COUNT", count_limit)
     for shape in [(45, 61), (300, 250)]:
         W, stats, _ = layer(*shape, seed=8)
-        assert torch.equal(zpruner(W, stats), two_thread_reference(ref_zpruner, W, stats))
+        assert torch.equal(zpruner(W, stats), two_thread_reference(scores.zpruner, W, stats))
 
 
 def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
@@ -231,7 +219,7 @@ def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
     W[:, 7] = 0
     S = zpruner(W, stats)
     assert torch.isfinite(S).all()
-    assert torch.equal(S, ref_zpruner(W, stats))
+    assert torch.equal(S, scores.zpruner(W, stats))
 
 
 @pytest.fixture
@@ -256,7 +244,7 @@ def test_zpruner_of_a_real_shaped_layer_is_the_two_thread_reference_on_any_threa
     count; the verified Table 1 was measured on two threads, and the score gives those bits
     on one thread as on two."""
     W, stats, _ = layer(1536, 576, seed=12)
-    expected = two_thread_reference(ref_zpruner, W, stats)
+    expected = two_thread_reference(scores.zpruner, W, stats)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -267,13 +255,11 @@ def test_zpruner_of_a_real_shaped_layer_is_the_two_thread_reference_on_any_threa
 
 @pytest.mark.parametrize("n", [1000, 32767, 32768, 32769, 65536, 65537, 884736, 3_000_001])
 def test_matrix_mean_and_std_are_torchs_two_thread_ones(n, two_thread_reference):
-    from zpruner.scores import _matrix_mean, _matrix_std
-
     g = torch.Generator().manual_seed(n)
     X = (torch.randn(n, generator=g) * 0.01 + 1e-3).reshape(1, -1)
-    mean = _matrix_mean(X)
+    mean = reductions.matrix_mean(X)
     assert torch.equal(mean, two_thread_reference(torch.mean, X))
-    assert torch.equal(_matrix_std(X, mean), two_thread_reference(torch.std, X))
+    assert torch.equal(reductions.matrix_std(X, mean), two_thread_reference(torch.std, X))
 
 
 @pytest.mark.parametrize("slack, sequential", [(None, False), (1e7, True)])
@@ -281,16 +267,14 @@ def test_matrix_std_runs_the_sequential_sum_only_when_the_fast_one_cannot_decide
         monkeypatch, two_thread_reference, slack, sequential):
     """The fast sum decides the float32 std unless a rounding boundary lies within its
     error bound (a bound made huge here); either way the bits are torch's."""
-    from zpruner import scores
-
     if slack is not None:
-        monkeypatch.setattr(scores, "_STD_SLACK", slack)
+        monkeypatch.setattr(reductions, "_STD_SLACK", slack)
     cumsums = []
     cumsum = torch.cumsum
     monkeypatch.setattr(torch, "cumsum", lambda *a, **k: cumsums.append(1) or cumsum(*a, **k))
     X = (torch.randn(100_000, generator=torch.Generator().manual_seed(7)) * 0.01).reshape(1, -1)
-    mean = scores._matrix_mean(X)
-    assert torch.equal(scores._matrix_std(X, mean), two_thread_reference(torch.std, X))
+    mean = reductions.matrix_mean(X)
+    assert torch.equal(reductions.matrix_std(X, mean), two_thread_reference(torch.std, X))
     assert bool(cumsums) == sequential
 
 
@@ -499,16 +483,15 @@ def test_zpruner_is_the_reference_with_and_without_its_compiled_passes(monkeypat
                                                                        compiled, shape):
     """Z-Pruner's compiled score pass, small-weight count and fast std sums (any size, on
     the CPU) against its torch passes (GPU, no compiler): the same bits."""
-    from zpruner import scores
     from zpruner.kernels import native
 
-    if compiled and native.load(*scores._KERNEL) is None:
-        pytest.skip("the native Z-Pruner kernel could not be built here")
+    if compiled and None in (native.load(*score_passes._KERNEL), native.load(*reductions._KERNEL)):
+        pytest.skip("the native Z-Pruner kernels could not be built here")
     if not compiled:
-        monkeypatch.setattr(scores, "_reduction_kernel", lambda X: None)
-        monkeypatch.setattr(scores, "_score_kernel", lambda *operands: None)
+        monkeypatch.setattr(reductions, "_reduction_kernel", lambda X: None)
+        monkeypatch.setattr(score_passes, "_score_kernel", lambda *operands: None)
     W, stats, _ = layer(*shape, seed=21, offset=0.01)
     W[2] = 0.0
     W[:, 3] = 0.0
-    assert (scores._reduction_kernel(W) is not None) == compiled
-    assert torch.equal(zpruner(W, stats), two_thread_reference(ref_zpruner, W, stats))
+    assert (reductions._reduction_kernel(W) is not None) == compiled
+    assert torch.equal(zpruner(W, stats), two_thread_reference(scores.zpruner, W, stats))

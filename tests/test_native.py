@@ -6,13 +6,14 @@ import shutil
 import pytest
 import torch
 
-from zpruner import masks, scores, sparsegpt, updates
+from zpruner import masks, sparsegpt, updates
 from zpruner.config import PruneConfig
-from zpruner.kernels import columns, lapack, native, rowpass
+from zpruner.kernels import columns, lapack, native, reductions, rowpass, score_passes
 from zpruner.pruning import pruned_weights
 from zpruner.stats import ActivationStats
 
-KERNELS = [sparsegpt._KERNEL, lapack._MIRROR, scores._KERNEL, masks._KERNEL, columns._KERNEL]
+KERNELS = [sparsegpt._KERNEL, lapack._MIRROR, score_passes._KERNEL, reductions._KERNEL, masks._KERNEL,
+           columns._KERNEL]
 
 
 @pytest.fixture
@@ -59,8 +60,8 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
         solved = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8)
         stats = ActivationStats(20)
         stats.add(X)
-        assert scores._score_kernel(W0, W0, torch.ones(30, 1), torch.ones(1, 20)) is None
-        assert torch.isfinite(scores.zpruner(W0, stats)).all()
+        assert score_passes._score_kernel(W0, W0, torch.ones(30, 1), torch.ones(1, 20)) is None
+        assert torch.isfinite(score_passes.zpruner(W0, stats)).all()
         flat = torch.randn(100_000, generator=g)
         assert masks._select_kernel(flat) is None
         assert int((~masks.drop_lowest(flat[None, :], 500)).sum()) == 500
@@ -89,7 +90,7 @@ def test_sparsegpt_runs_its_kernel_on_the_cpu_unless_told_not_to():
 def test_zpruner_takes_its_kernel_above_a_chunk_with_the_eager_bits(monkeypatch):
     """The compiled score pass has no sum: the same bits as the eager one, which SmolLM2's
     layers (one chunk each) keep running."""
-    if native.load(*scores._KERNEL) is None:
+    if native.load(*score_passes._KERNEL) is None:
         pytest.skip("the native Z-Pruner kernel could not be built here")
     g = torch.Generator().manual_seed(5)
     W = torch.randn(40, 30, generator=g)
@@ -98,13 +99,13 @@ def test_zpruner_takes_its_kernel_above_a_chunk_with_the_eager_bits(monkeypatch)
     stats = ActivationStats(30)
     stats.add(torch.randn(64, 30, generator=g) * torch.exp(torch.randn(30, generator=g)))
     operands = (W, torch.empty_like(W), torch.ones(40, 1), torch.ones(1, 30))
-    assert scores._score_kernel(*operands) is None
-    eager = scores.zpruner(W, stats)
+    assert score_passes._score_kernel(*operands) is None
+    eager = score_passes.zpruner(W, stats)
     monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 100)
-    assert scores._score_kernel(*operands) is not None
-    assert scores._score_kernel(W.double(), *operands[1:]) is None
-    assert scores._score_kernel(W.t(), *operands[1:]) is None  # not row-major: eager
-    assert torch.equal(scores.zpruner(W, stats).view(torch.int32), eager.view(torch.int32))
+    assert score_passes._score_kernel(*operands) is not None
+    assert score_passes._score_kernel(W.double(), *operands[1:]) is None
+    assert score_passes._score_kernel(W.t(), *operands[1:]) is None  # not row-major: eager
+    assert torch.equal(score_passes.zpruner(W, stats).view(torch.int32), eager.view(torch.int32))
 
 
 @pytest.mark.parametrize("scores", ["normal", "coarse (tied)", "NaN and inf"])

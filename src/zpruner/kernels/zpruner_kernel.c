@@ -1,9 +1,10 @@
-/* Z-Pruner's score from its operands, for a chunk of rows in one loop (zpruner/scores.py).
+/* Z-Pruner's score from its operands, for a chunk of rows in one loop
+ * (zpruner/kernels/score_passes.py).
  *
  * The eager pass runs thirteen torch ops per chunk, each a pass over it; here each weight
- * is read once. Built by zpruner/kernels/native.py with -ffp-contract=off: every step rounds as
- * torch's op does, in its order (x³ is (x * x) * x, as torch's pow with exponent 3), and
- * there is no sum, so the score has the eager pass's bits.
+ * is read once. Built by zpruner/kernels/native.py with -ffp-contract=off: every step
+ * rounds as torch's op does, in its order (x³ is (x * x) * x, as torch's pow with exponent
+ * 3), and there is no sum, so the score has the eager pass's bits.
  *
  * W and S: float32 [rows, cols], row-major with row strides ldw and lds; S holds W / the
  * column norms on entry and the score on return. row_norm: [rows]; act: [cols], the
@@ -33,38 +34,4 @@ void zpruner_score(const float *W, int64_t ldw, float *S, int64_t lds, const flo
             s[j] = (z_c + z_r) * act[j];
         }
     }
-}
-
-#define LANES 16 /* independent float64 accumulators, so that the sum vectorises */
-
-/* The sum of (x[i] - m)^2 over n floats, each term as torch makes it (x to float64, minus
- * m, squared, in float64), summed in lanes: another order than torch's sum, which
- * scores.py's _matrix_std allows for its fast sum (any order of n non-negative terms is
- * within (n - 1) * 2^-53 of the exact sum). */
-double sum_squared_deviations(const float *x, int64_t n, double m)
-{
-    double lanes[LANES] = {0.0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            double d = (double)x[i + l] - m;
-            lanes[l] += d * d;
-        }
-    for (; i < n; i++) {
-        double d = (double)x[i] - m;
-        lanes[0] += d * d;
-    }
-    double total = 0.0;
-    for (int l = 0; l < LANES; l++)
-        total += lanes[l];
-    return total;
-}
-
-/* How many of n floats are below t (NaN is not): torch's count_nonzero(x < t). */
-int64_t count_below(const float *x, int64_t n, float t)
-{
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; i++)
-        count += x[i] < t;
-    return count;
 }
