@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from zpruner import scores
-from zpruner.kernels import reductions, rowpass, score_passes
+from zpruner.kernels import reductions, rowpass, score_passes, selection
 from zpruner.kernels.columns import column_norm, column_variance
 from zpruner.kernels.score_passes import cvr, ria, zpruner
 from zpruner.masks import Pattern
-from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
+from zpruner.masks import drop_lowest, drop_lowest_by_topk, keep_mask
 from zpruner.registry import SCORES
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
@@ -29,13 +29,6 @@ def ref_energy_compensate(W0, W, keep, axes=("col", "row"), clamp=(0.0, float("i
         gamma = torch.where(e > 0, (e0 / e.where(e > 0, 1.0)).sqrt(), torch.ones_like(e))
         W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
     return W
-
-
-def ref_drop_lowest(score, k):
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, False)
-    return keep
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -316,7 +309,7 @@ def test_layer_selection_equals_topk_on_distinct_scores(fraction):
     g = torch.Generator().manual_seed(5)
     score = torch.randperm(300_000, generator=g).float().reshape(1, -1)  # all distinct
     k = int(fraction * score.numel())
-    assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+    assert torch.equal(drop_lowest(score, k), drop_lowest_by_topk(score, k))
 
 
 @pytest.mark.parametrize("levels", [2, 7, 1000])
@@ -328,7 +321,7 @@ def test_layer_selection_with_ties_at_the_cut_is_topk_s(levels):
     k = 123_457
     keep = drop_lowest(score, k)
     assert int((~keep).sum()) == k
-    assert torch.equal(keep, ref_drop_lowest(score, k))
+    assert torch.equal(keep, drop_lowest_by_topk(score, k))
 
 
 @pytest.mark.parametrize("levels", [2, 7, 1000])
@@ -336,18 +329,16 @@ def test_long_row_with_ties_at_the_cut_drops_the_first_tied_without_topk(monkeyp
     """From TIES_BY_INDEX_MIN scores on (a whole 7B-70B layer), no top-k: everything below
     the k-th score goes, everything above stays, and of the scores equal to it the lowest
     indices go, exactly k in all."""
-    from zpruner import masks
-
     g = torch.Generator().manual_seed(14)
-    score = torch.randint(levels, (1, masks.TIES_BY_INDEX_MIN), generator=g).float()
-    k = masks.TIES_BY_INDEX_MIN // 2 + 12_345
+    score = torch.randint(levels, (1, selection.TIES_BY_INDEX_MIN), generator=g).float()
+    k = selection.TIES_BY_INDEX_MIN // 2 + 12_345
     t = score.reshape(-1).kthvalue(k).values
     tied = torch.nonzero(score[0] == t).reshape(-1)
     need = k - int((score < t).sum())
     expected = score[0] > t
     expected[tied[need:]] = True
     assert 0 < need < tied.numel()  # the cut falls inside a level
-    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    monkeypatch.setattr(selection.torch, "topk", None)  # any top-k call would fail
     keep = drop_lowest(score, k)
     assert int((~keep).sum()) == k
     assert torch.equal(keep[0], expected)
@@ -355,11 +346,9 @@ def test_long_row_with_ties_at_the_cut_drops_the_first_tied_without_topk(monkeyp
 
 def test_layer_selection_with_ties_below_the_cut_needs_no_topk(monkeypatch):
     """Ties that do not straddle the cut are decided by the threshold alone."""
-    from zpruner import masks
-
     score = torch.randperm(200_000, generator=torch.Generator().manual_seed(11)).float().reshape(1, -1)
     score[0, :5000] = 3.0  # 5000 equal scores, all far below the cut
-    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    monkeypatch.setattr(selection.torch, "topk", None)  # any top-k call would fail
     keep = drop_lowest(score, 100_000)
     assert int((~keep).sum()) == 100_000
     assert (~keep[0, :5000]).all()
@@ -372,37 +361,30 @@ def test_layer_selection_keeps_nan_scores_like_topk():
     keep = drop_lowest(score, 40_000)
     assert int((~keep).sum()) == 40_000
     assert keep[0, ::97].all()
-    assert torch.equal(keep, ref_drop_lowest(score, 40_000))
+    assert torch.equal(keep, drop_lowest_by_topk(score, 40_000))
 
 
 def test_layer_selection_falls_back_when_the_sample_misses(monkeypatch):
     """A bracket that misses t (forced here by a 2-score sample) must not give a wrong mask."""
-    from zpruner import masks
-
-    monkeypatch.setattr(masks, "SAMPLE_SIZE", 2)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 2)
     score = torch.randperm(100_000, generator=torch.Generator().manual_seed(7)).float().reshape(1, -1)
     for k in (1, 1000, 50_000, 99_999):
-        assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+        assert torch.equal(drop_lowest(score, k), drop_lowest_by_topk(score, k))
 
 
-def test_selection_as_a_set_is_the_same_in_any_order_and_declines_ties_at_the_cut():
+def test_layer_selection_at_the_ends_and_of_a_short_row_is_topks():
     g = torch.Generator().manual_seed(12)
-    score = torch.randn(300_000, generator=g)
-    order = torch.randperm(score.numel(), generator=g)
-    k = 150_001
-    keep = drop_lowest_set(score, k)
-    assert torch.equal(keep, ref_drop_lowest(score.reshape(1, -1), k).reshape(-1))
-    assert torch.equal(drop_lowest_set(score[order], k), keep[order])
-    tied = torch.randint(7, (300_000,), generator=g).float()  # the cut falls inside a level
-    assert drop_lowest_set(tied, k) is None
-    assert drop_lowest_set(score[:1000], 10) is None  # too few to search: top-k decides
-    assert drop_lowest_set(tied, 0).all() and not drop_lowest_set(tied, tied.numel()).any()
+    tied = torch.randint(7, (1, 300_000), generator=g).float()
+    for k in (0, tied.numel()):
+        assert torch.equal(drop_lowest(tied, k), drop_lowest_by_topk(tied, k))
+    short = torch.randint(7, (1, 1000), generator=g).float()  # too short to search: top-k decides its tie
+    assert torch.equal(drop_lowest(short, 501), drop_lowest_by_topk(short, 501))
 
 
 def test_layer_mask_of_a_real_shaped_score_matches_topk():
     W, _, _ = layer(512, 384, seed=8)
     keep = keep_mask(W.abs(), 0.5, Pattern(), "layer")
-    assert torch.equal(keep, ref_drop_lowest(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
+    assert torch.equal(keep, drop_lowest_by_topk(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
 
 
 @pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)], ids=["row", "2:4"])
@@ -413,7 +395,7 @@ def test_row_selection_in_chunks_is_one_topk_over_the_matrix(small_chunks, patte
     score = torch.randint(levels, (97, 64), generator=torch.Generator().manual_seed(12)).float()
     keep = keep_mask(score, 0.5, pattern, "row")
     groups, k = (score, 32) if not pattern.is_nm else (score.reshape(-1, 4), 2)
-    assert torch.equal(keep, ref_drop_lowest(groups, k).reshape(score.shape))
+    assert torch.equal(keep, drop_lowest_by_topk(groups, k).reshape(score.shape))
 
 
 def test_masked_copy_is_the_product_with_the_mask_bit_for_bit(small_chunks):

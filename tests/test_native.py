@@ -8,11 +8,11 @@ import torch
 
 from zpruner import masks, sparsegpt, updates
 from zpruner.config import PruneConfig
-from zpruner.kernels import columns, lapack, native, reductions, rowpass, score_passes
+from zpruner.kernels import columns, lapack, native, reductions, rowpass, score_passes, selection
 from zpruner.pruning import pruned_weights
 from zpruner.stats import ActivationStats
 
-KERNELS = [sparsegpt._KERNEL, lapack._MIRROR, score_passes._KERNEL, reductions._KERNEL, masks._KERNEL,
+KERNELS = [sparsegpt._KERNEL, lapack._MIRROR, score_passes._KERNEL, reductions._KERNEL, selection._KERNEL,
            columns._KERNEL]
 
 
@@ -63,7 +63,7 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
         assert score_passes._score_kernel(W0, W0, torch.ones(30, 1), torch.ones(1, 20)) is None
         assert torch.isfinite(score_passes.zpruner(W0, stats)).all()
         flat = torch.randn(100_000, generator=g)
-        assert masks._select_kernel(flat) is None
+        assert selection._select_kernel(flat) is None
         assert int((~masks.drop_lowest(flat[None, :], 500)).sum()) == 500
         assert torch.equal(columns.column_variance(W0), W0.var(dim=0, unbiased=False))
     assert torch.isfinite(ec).all()
@@ -115,9 +115,9 @@ def test_compiled_selection_passes_give_the_torch_passes_mask(monkeypatch, score
     """The threshold selection's count, gather and mask as C loops over ranges (here of
     777 scores, so that tied scores straddle the ranges' edges): the same keep as the torch
     passes, or the same refusal (None) when a tie at the cut is left to top-k."""
-    if native.load(*masks._KERNEL) is None:
+    if native.load(*selection._KERNEL) is None:
         pytest.skip("the native selection kernel could not be built here")
-    monkeypatch.setattr(masks, "_RANGE", 777)
+    monkeypatch.setattr(selection, "_RANGE", 777)
     g = torch.Generator().manual_seed(k)
     flat = torch.randn(100_000, generator=g)
     if scores == "coarse (tied)":
@@ -126,10 +126,10 @@ def test_compiled_selection_passes_give_the_torch_passes_mask(monkeypatch, score
         flat[::13] = float("nan")
         flat[5::17] = float("inf")
         flat[7::19] = -float("inf")
-    assert masks._select_kernel(flat) is not None
-    compiled = masks._drop_lowest_flat(flat, k, ties_by_index)
-    monkeypatch.setattr(masks, "_select_kernel", lambda flat: None)
-    expected = masks._drop_lowest_flat(flat, k, ties_by_index)
+    assert selection._select_kernel(flat) is not None
+    compiled = selection._drop_lowest_flat(flat, k, ties_by_index)
+    monkeypatch.setattr(selection, "_select_kernel", lambda flat: None)
+    expected = selection._drop_lowest_flat(flat, k, ties_by_index)
     assert (compiled is None) == (expected is None)
     if expected is not None:
         assert torch.equal(compiled, expected) and int((~compiled).sum()) == k
@@ -138,11 +138,11 @@ def test_compiled_selection_passes_give_the_torch_passes_mask(monkeypatch, score
 
 
 def test_selection_kernel_only_for_contiguous_float32_cpu_scores():
-    if native.load(*masks._KERNEL) is None:
+    if native.load(*selection._KERNEL) is None:
         pytest.skip("the native selection kernel could not be built here")
-    assert masks._select_kernel(torch.zeros(10)) is not None
-    assert masks._select_kernel(torch.zeros(10, dtype=torch.float64)) is None
-    assert masks._select_kernel(torch.zeros(10, 2)[:, 0]) is None
+    assert selection._select_kernel(torch.zeros(10)) is not None
+    assert selection._select_kernel(torch.zeros(10, dtype=torch.float64)) is None
+    assert selection._select_kernel(torch.zeros(10, 2)[:, 0]) is None
 
 
 def test_kernels_take_only_tensors_laid_out_as_their_pointer_arithmetic_assumes():

@@ -16,7 +16,7 @@ import torch
 
 from .kernels import lapack, native
 from .errors import ZprunerError
-from .masks import Pattern, drop_lowest, drop_lowest_set, n_pruned
+from .masks import Pattern, drop_lowest, n_pruned
 from .registry import SOLVERS, UPDATES, constant
 from .kernels.rowpass import map_chunks
 
@@ -88,17 +88,10 @@ def _saliency(W1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_after: int) -> torch.Tensor:
     """Unstructured mask of one column block W1: [out, cols] (any strides): drop the lowest
     saliencies W²/d², as many as make the layer's running count exact (floor(s·out·cols)
-    over the columns so far).
-
-    When the lowest saliencies are a set of values, any order selects them; when a tie at
-    the cut makes top-k's choice matter, they are ranked in the reference's [out, cols]
-    order, so that the mask is the reference's either way."""
+    over the columns so far), compared over the block in the reference's [out, cols]
+    order (which decides among tied saliencies)."""
     k = pruned_after - pruned_before
-    saliency = _saliency(W1, d)
-    keep = drop_lowest_set(saliency.reshape(-1), k)
-    if keep is None:
-        return drop_lowest(saliency.reshape(1, -1), k).reshape(W1.shape)
-    return keep.reshape(W1.shape)
+    return drop_lowest(_saliency(W1, d).reshape(1, -1), k).reshape(W1.shape)
 
 
 @torch.no_grad()

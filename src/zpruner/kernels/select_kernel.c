@@ -1,4 +1,4 @@
-/* The passes of a threshold selection over a range of float32 scores (zpruner/masks.py,
+/* The passes of a threshold selection over a range of float32 scores (zpruner/kernels/selection.py,
  * _select_compiled): a count, a gather and the mask, each one loop over the range where
  * torch takes three to five ops with bool temporaries. Comparisons only, no arithmetic:
  * the result is the torch passes' exactly. NaN compares false everywhere, so it is never
