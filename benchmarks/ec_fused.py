@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     from zpruner.kernels.rowpass import map_chunks, masked_copy
-    from zpruner.updates import energy_compensate_
+    from zpruner.kernels.energy import energy_compensate_
 
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(*args.shape, generator=g) / args.shape[1] ** 0.5

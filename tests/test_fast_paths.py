@@ -1,34 +1,20 @@
 """The fast implementations (chunked scores and EC, threshold selection, row-parallel
-SparseGPT) against the textbook formulas: the scores' from zpruner.scores, the others kept
-here verbatim as references."""
+SparseGPT) against the textbook formulas of the method modules (scores, masks, updates,
+sparsegpt)."""
 import pytest
 import torch
 
 from zpruner import scores
 from zpruner.kernels import reductions, rowpass, score_passes, selection
 from zpruner.kernels.columns import column_norm, column_variance
+from zpruner.kernels.energy import energy_compensate_
 from zpruner.kernels.score_passes import cvr, ria, zpruner
 from zpruner.masks import Pattern
 from zpruner.masks import drop_lowest, drop_lowest_by_topk, keep_mask
 from zpruner.registry import SCORES
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
-from zpruner.updates import energy_compensate, energy_compensate_
-
-# --- the reference formulas, as they were before the fast paths ---------------------------
-
-
-def ref_energy_compensate(W0, W, keep, axes=("col", "row"), clamp=(0.0, float("inf"))):
-    lo, hi = clamp
-    W0, W = W0.float(), W.float() * keep
-    for axis in axes:
-        dim = {"col": 0, "row": 1}[axis]
-        mu = W0.mean(dim=dim, keepdim=True)
-        e0 = (W0 - mu).square().sum(dim=dim, keepdim=True)
-        e = ((W - mu) * keep).square().sum(dim=dim, keepdim=True)
-        gamma = torch.where(e > 0, (e0 / e.where(e > 0, 1.0)).sqrt(), torch.ones_like(e))
-        W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
-    return W
+from zpruner.updates import energy_compensate
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -74,10 +60,9 @@ def test_ec_equals_the_reference_formula(monkeypatch, axes, clamp, offset, chunk
     if chunks == "many chunks":
         monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 1000)
     W0, _, keep = layer(37, 53, seed=1, offset=offset)
-    expected = ref_energy_compensate(W0, W0 * keep, keep, axes, clamp)
-    # out of place, in place on a masked copy, and from W0 alone (masked inside a pass)
-    results = [energy_compensate(W0, W0 * keep, keep, axes, clamp),
-               energy_compensate_(W0, W0 * keep, keep, axes, clamp),
+    expected = energy_compensate(W0, W0 * keep, keep, axes, clamp)
+    # in place on a masked copy, and from W0 alone (masked inside a pass)
+    results = [energy_compensate_(W0, W0 * keep, keep, axes, clamp),
                energy_compensate_(W0, None, keep, axes, clamp)]
     for result in results:
         if chunks == "one chunk" or "col" not in axes:
@@ -92,7 +77,7 @@ def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
     """W need not be W0 masked (SparseGPT's output): EC must use W, not W0, for the energies."""
     W0, _, keep = layer(40, 48, seed=2)
     W = (W0 + 0.1 * torch.randn_like(W0)) * keep
-    expected = ref_energy_compensate(W0, W, keep)
+    expected = energy_compensate(W0, W, keep)
     assert_close_relative(energy_compensate_(W0, W.clone(), keep), expected, 1e-6)
     assert not torch.allclose(energy_compensate_(W0, None, keep), expected, rtol=1e-3)
 
@@ -279,7 +264,7 @@ def test_ec_of_a_real_shaped_layer_is_the_reference_bit_for_bit(threads):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        expected = ref_energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25))
+        expected = energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25))
         assert torch.equal(energy_compensate_(W, None, keep, ("col", "row"), (0.8, 1.25)), expected)
     finally:
         torch.set_num_threads(before)
@@ -297,7 +282,7 @@ def test_ec_across_chunks_is_the_same_on_one_and_two_threads():
             results.append(energy_compensate_(W, None, keep, ("col", "row"), (0.8, 1.25)))
     finally:
         torch.set_num_threads(before)
-    assert_close_relative(results[0], ref_energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25)), 1e-6)
+    assert_close_relative(results[0], energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25)), 1e-6)
     assert torch.equal(results[0], results[1])
 
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from zpruner import masks, sparsegpt, updates
+from zpruner import masks, sparsegpt
 from zpruner.config import PruneConfig
-from zpruner.kernels import columns, lapack, native, reductions, rowpass, score_passes, selection
+from zpruner.kernels import columns, energy, lapack, native, reductions, rowpass, score_passes, selection
 from zpruner.pruning import pruned_weights
 from zpruner.stats import ActivationStats
 
@@ -56,7 +56,7 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
     X = torch.randn(50, 20, generator=g)
     with caplog.at_level(logging.INFO, logger="zpruner"):
         assert not lapack.available(X.t() @ X)  # SparseGPT's factor through torch.linalg
-        ec = updates.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25))
+        ec = energy.energy_compensate_(W0, None, keep, ("col", "row"), (0.8, 1.25))
         solved = sparsegpt.sparsegpt(W0, X.t() @ X, sparsity=0.5, blocksize=8)
         stats = ActivationStats(20)
         stats.add(X)
