@@ -28,8 +28,7 @@ from layer_runtime import random_activations, random_layer
 
 
 def build_seconds() -> float:
-    from zpruner import sparsegpt
-    from zpruner.kernels import native
+    from zpruner.kernels import native, sparsegpt_columns
 
     with tempfile.TemporaryDirectory() as cache:
         before = os.environ.get("ZPRUNER_CACHE")
@@ -37,7 +36,7 @@ def build_seconds() -> float:
         native.load.cache_clear()
         try:
             start = time.perf_counter()
-            if native.load(*sparsegpt._KERNEL) is None:
+            if native.load(*sparsegpt_columns._KERNEL) is None:
                 raise SystemExit("the kernel did not build here: see the zpruner.kernels.native log (no C compiler?)")
             return time.perf_counter() - start
         finally:

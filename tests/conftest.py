@@ -180,9 +180,8 @@ def fused(request):
     """The ``fused`` argument of SparseGPT: its eager torch loop, then the compiled kernel
     (skipped where it cannot be built; test_native checks that it builds wherever a C
     compiler exists)."""
-    from zpruner import sparsegpt
-    from zpruner.kernels import native
+    from zpruner.kernels import native, sparsegpt_columns
 
-    if request.param and native.load(*sparsegpt._KERNEL) is None:
+    if request.param and native.load(*sparsegpt_columns._KERNEL) is None:
         pytest.skip("the native SparseGPT kernel could not be built here (no C compiler, or ZPRUNER_NATIVE=0)")
     return request.param

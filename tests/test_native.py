@@ -8,11 +8,12 @@ import torch
 
 from zpruner import masks, sparsegpt
 from zpruner.config import PruneConfig
-from zpruner.kernels import columns, energy, lapack, native, reductions, rowpass, score_passes, selection
+from zpruner.kernels import (columns, energy, lapack, native, reductions, rowpass, score_passes, selection,
+                             sparsegpt_columns)
 from zpruner.pruning import pruned_weights
 from zpruner.stats import ActivationStats
 
-KERNELS = [sparsegpt._KERNEL, lapack._MIRROR, score_passes._KERNEL, reductions._KERNEL, selection._KERNEL,
+KERNELS = [sparsegpt_columns._KERNEL, lapack._MIRROR, score_passes._KERNEL, reductions._KERNEL, selection._KERNEL,
            columns._KERNEL]
 
 
@@ -77,14 +78,14 @@ def test_without_kernels_every_method_runs_eager_with_no_warning(fresh_loads, mo
 
 
 def test_sparsegpt_runs_its_kernel_on_the_cpu_unless_told_not_to():
-    if native.load(*sparsegpt._KERNEL) is None:
+    if native.load(*sparsegpt_columns._KERNEL) is None:
         pytest.skip("the native SparseGPT kernel could not be built here")
     W, U, keep = torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool)
-    assert sparsegpt._kernel(W, U, keep, None) is not None
-    assert sparsegpt._kernel(W, U, keep, False) is None
-    assert sparsegpt._kernel(W, U, keep, None, groups_chosen=True) is None  # N:M chosen in the loop: torch's
-    assert sparsegpt._kernel(W, U, keep, True, groups_chosen=True) is not None
-    assert sparsegpt._kernel(W.double(), U.double(), keep, None) is None
+    assert sparsegpt_columns.load(W, U, keep, None) is not None
+    assert sparsegpt_columns.load(W, U, keep, False) is None
+    assert sparsegpt_columns.load(W, U, keep, None, groups_chosen=True) is None  # N:M chosen in the loop: torch's
+    assert sparsegpt_columns.load(W, U, keep, True, groups_chosen=True) is not None
+    assert sparsegpt_columns.load(W.double(), U.double(), keep, None) is None
 
 
 def test_zpruner_takes_its_kernel_above_a_chunk_with_the_eager_bits(monkeypatch):

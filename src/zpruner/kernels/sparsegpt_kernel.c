@@ -1,4 +1,5 @@
-/* SparseGPT's column loop within one block, on a range of output rows (zpruner/sparsegpt.py).
+/* SparseGPT's column loop within one block, on a range of output rows
+ * (zpruner/kernels/sparsegpt_columns.py; the eager loop: zpruner/sparsegpt.py).
  *
  * The eager loop runs four torch ops and a temporary per column of W, in Python; here
  * TILE output rows at a time are copied out transposed (the block's columns as rows of
