@@ -33,14 +33,14 @@ def build_seconds() -> float:
     with tempfile.TemporaryDirectory() as cache:
         before = os.environ.get("ZPRUNER_CACHE")
         os.environ["ZPRUNER_CACHE"] = cache
-        native.load.cache_clear()
+        native._loaded.cache_clear()
         try:
             start = time.perf_counter()
             if native.load(*sparsegpt_columns._KERNEL) is None:
                 raise SystemExit("the kernel did not build here: see the zpruner.kernels.native log (no C compiler?)")
             return time.perf_counter() - start
         finally:
-            native.load.cache_clear()
+            native._loaded.cache_clear()
             if before is None:
                 del os.environ["ZPRUNER_CACHE"]
             else:

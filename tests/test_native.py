@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from zpruner import masks, sparsegpt
-from zpruner.config import PruneConfig
+from conftest import build_tiny_model
+from zpruner import PruneConfig, masks, prune, sparsegpt
 from zpruner.kernels import (columns, energy, lapack, native, reductions, rowpass, score_passes, selection,
                              sparsegpt_columns)
 from zpruner.pruning import pruned_weights
@@ -19,13 +19,13 @@ KERNELS = [sparsegpt_columns._KERNEL, lapack._MIRROR, score_passes._KERNEL, redu
 
 @pytest.fixture
 def fresh_loads():
-    """load() caches per process: start from nothing, and leave nothing behind for the
-    tests after (they load again from the default cache)."""
-    native.load.cache_clear()
-    lapack._routines.cache_clear()
+    """Kernels are loaded once per process: start from nothing, and leave nothing behind
+    for the tests after (they load again from the default cache)."""
+    native._loaded.cache_clear()
+    lapack._torch_routines.cache_clear()
     yield
-    native.load.cache_clear()
-    lapack._routines.cache_clear()
+    native._loaded.cache_clear()
+    lapack._torch_routines.cache_clear()
 
 
 def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch, tmp_path):
@@ -38,7 +38,7 @@ def test_the_kernels_build_wherever_a_c_compiler_exists(fresh_loads, monkeypatch
     built = sorted((tmp_path / "native").iterdir())
     assert len(built) == len(KERNELS) and not any(p.name.startswith(".") for p in built)  # no partial file left
     stamps = [p.stat().st_mtime_ns for p in built]
-    native.load.cache_clear()
+    native._loaded.cache_clear()
     assert native.load(*KERNELS[0]) is not None
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "native").iterdir())] == stamps  # reused
 
@@ -169,8 +169,63 @@ def test_wanda_ec_gives_the_same_weights_with_and_without_native_code(fresh_load
     results = []
     for setting in ("1", "0"):
         monkeypatch.setenv("ZPRUNER_NATIVE", setting)
-        native.load.cache_clear()
+        native._loaded.cache_clear()
         results.append(pruned_weights(W0, stats, PruneConfig("wanda", update="ec")))
     (W_native, keep_native), (W_eager, keep_eager) = results
     assert torch.equal(keep_native, keep_eager)
     assert torch.equal(W_native.view(torch.int32), W_eager.view(torch.int32))  # -0.0 included
+
+
+def test_a_run_records_the_kernels_it_used(fresh_loads, monkeypatch):
+    """``native.used()`` (for a run's results) names the kernels a prune ran, from the last
+    ``reset_used()`` on, and none with ZPRUNER_NATIVE=0."""
+    if None in (native.load(*columns._KERNEL), native.load(*sparsegpt_columns._KERNEL)):
+        pytest.skip("the native kernels could not be built here")
+    samples = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    native.reset_used()
+    assert native.used() == []
+    prune(build_tiny_model("llama", vocab_size=300), PruneConfig("cvr", nsamples=4, seqlen=32), samples,
+          progress=False)
+    assert native.used() == ["columns_kernel"]  # CVR's column variances
+    native.reset_used()
+    prune(build_tiny_model("llama", vocab_size=300), PruneConfig("sparsegpt", nsamples=4, seqlen=32), samples,
+          progress=False)
+    assert {"sparsegpt_kernel", "triangle_kernel"} <= set(native.used())  # the column loop; the factor's LAPACK
+    assert "columns_kernel" not in native.used()
+    native._loaded.cache_clear()
+    native.reset_used()
+    monkeypatch.setenv("ZPRUNER_NATIVE", "0")
+    prune(build_tiny_model("llama", vocab_size=300), PruneConfig("sparsegpt", nsamples=4, seqlen=32), samples,
+          progress=False)
+    assert native.used() == []
+
+
+@pytest.mark.parametrize("method, update, pattern, kernels", [
+    ("magnitude", "ec", "unstructured", {"select_kernel"}),
+    ("ria", "none", "unstructured", {"select_kernel"}),
+    ("cvr", "ec", "unstructured", {"columns_kernel"}),
+    ("zpruner", "ec", "4:8", {"zpruner_kernel", "reductions_kernel"}),
+    ("sparsegpt", "ec", "unstructured", {"sparsegpt_kernel", "triangle_kernel", "select_kernel"}),
+])
+def test_every_kernel_a_method_runs_keeps_the_eager_bits(fresh_loads, monkeypatch, method, update, pattern, kernels):
+    """The same layer pruned with the compiled kernels and with ZPRUNER_NATIVE=0, on a
+    layer above a chunk (so that every kernel applies): the same bits."""
+    g = torch.Generator().manual_seed(1)
+    W0 = torch.randn(1100, 1024, generator=g) * 0.02
+    stats = ActivationStats(1024, hessian=method == "sparsegpt")
+    for x in torch.randn(512, 1024, generator=g).mul_(torch.rand(1024, generator=g) * 3).split(128):
+        stats.add(x)
+    config = PruneConfig(method, update=update, pattern=pattern)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ZPRUNER_NATIVE", setting)
+        native._loaded.cache_clear()
+        lapack._torch_routines.cache_clear()
+        native.reset_used()
+        results.append(pruned_weights(W0, stats, config))
+        if setting == "1" and not kernels <= set(native.used()):
+            pytest.skip(f"kernels {sorted(kernels - set(native.used()))} could not be built here")
+    assert native.used() == []
+    (W_native, keep_native), (W_eager, keep_eager) = results
+    assert torch.equal(keep_native, keep_eager)
+    assert torch.equal(W_native.view(torch.int32), W_eager.view(torch.int32))
