@@ -139,7 +139,7 @@ def _solve(
         if choose and not pattern.is_nm:
             keep[:, i1:i2] = _block_keep(W[:, i1:i2], U.diagonal()[i1:i2], n_pruned(sparsity, d_out * i1),
                                          n_pruned(sparsity, d_out * i2))
-        if kernel is not None:
+        if kernel is not None:  # the compiled loop, where it applies (sparsegpt_columns.load)
             err1 = sparsegpt_columns.block(kernel, W, U, keep, i1, i2, pattern.m, group_keep)
         else:
             err1 = _eager_block(W, U[i1:i2, i1:i2], keep, i1, i2, pattern.m, group_keep)
@@ -160,7 +160,8 @@ def _group_keep(pattern: Pattern):
 def _eager_block(W, U1, keep, i1, i2, group, group_keep) -> torch.Tensor:
     """One block's column loop in torch ops, updating W and keep in place; returns the
     block's errors [out, width] for the lazy update. With ``group_keep``, the mask of every
-    ``group`` columns is chosen as the loop reaches them (N:M)."""
+    ``group`` columns is chosen as the loop reaches them (N:M). The reference whose bits
+    ``kernels.sparsegpt_columns.block`` computes compiled."""
     # The block is worked on transposed, [cols, out], so that a column of W and every
     # rank-1 update below run over contiguous memory: the same elementwise operations
     # as the reference on each weight, hence the same bits; with the in-place update
