@@ -1,5 +1,6 @@
 """The compiled kernels' build: where it lands, that it is used when it builds, and that
 zpruner keeps working (eager, quietly) when it cannot build."""
+import copy
 import logging
 import shutil
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from zpruner import PruneConfig, masks, prune, sparsegpt
+from zpruner import PruneConfig, calibration_windows, load_texts, masks, prune, sparsegpt
 from zpruner.kernels import (columns, energy, lapack, native, reductions, rowpass, score_passes, selection,
                              sparsegpt_columns)
 from zpruner.pruning import pruned_weights
@@ -229,3 +230,21 @@ def test_every_kernel_a_method_runs_keeps_the_eager_bits(fresh_loads, monkeypatc
     (W_native, keep_native), (W_eager, keep_eager) = results
     assert torch.equal(keep_native, keep_eager)
     assert torch.equal(W_native.view(torch.int32), W_eager.view(torch.int32))
+
+
+@pytest.mark.real_model
+def test_wanda_ec_on_smollm2_gives_the_same_weights_with_and_without_native_code(fresh_loads, monkeypatch, smollm2,
+                                                                                  shared_data):
+    """``zpruner prune --method wanda --update ec`` on the real model, as saved: the same
+    bits (every tensor, pruned or not) with the compiled kernels and without."""
+    model, tokenizer = smollm2
+    samples = calibration_windows(tokenizer, load_texts("c4", shared_data), nsamples=4, seqlen=128, seed=0)
+    weights = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ZPRUNER_NATIVE", setting)
+        native._loaded.cache_clear()
+        pruned = copy.deepcopy(model)
+        prune(pruned, PruneConfig("wanda", update="ec", nsamples=4, seqlen=128), samples, progress=False)
+        weights.append(pruned.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k].view(torch.uint8), weights[1][k].view(torch.uint8)) for k in weights[0])
