@@ -29,7 +29,8 @@ def energy_compensate_(
     The textbook form in fewer passes (see ``rowpass`` for why passes, not flops, are the
     cost here), bit for bit but for the column sums of a matrix larger than a chunk.
     Elementwise arithmetic is the same whether it runs over the whole matrix or a chunk of
-    rows, and so is a reduction along a row; a reduction along a column is not (its summation order depends on how many rows it sees). Hence:
+    rows, and so is a reduction along a row; a reduction along a column is not (its
+    summation order depends on how many rows it sees). Hence:
     - a column step's two energies are summed in one pass, per chunk of rows, the chunks'
       sums added in chunk order: the textbook bits when the matrix is one chunk (every
       SmolLM2 layer, so its verified +EC cells), float32 reassociation otherwise (within

@@ -11,7 +11,7 @@ torch's own CPU library, hence torch's MKL or OpenBLAS and its thread setting) r
 same values in the same layout: torch's bits, with one n x n buffer instead of three.
 
 Used only where it applies (CPU, float32, square) and where torch's library exports the
-routines and the triangle copy (``triangle_kernel.c``, ``zpruner.kernels.native``) builds; else
+routines and the triangle copy (``triangle_kernel.c``, built by ``native``) builds; else
 callers keep torch's functions (``available``).
 """
 from __future__ import annotations

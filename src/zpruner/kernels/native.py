@@ -2,17 +2,20 @@
 compiler and called through ctypes.
 
 Why: some of zpruner's per-layer work is a chain of cheap elementwise ops that torch runs
-as one pass over memory each (energy compensation: about twenty). Fusing them needs a
-compiled loop. ``torch.compile`` was measured and lost to the eager chain on the CPU
+as one pass over memory each (Z-Pruner's score: thirteen per chunk of rows), or a Python
+loop of small ops (SparseGPT's columns). Fusing them needs a compiled loop.
+``torch.compile`` was measured and lost to the eager chain on the CPU
 (benchmarks/ec_fused.py); a plain C loop needs no torch headers, so it builds in about a
 second, and ctypes releases the GIL, so rowpass's worker threads run it in parallel.
 
 Everything here is optional: with no compiler, a failed build, or ``ZPRUNER_NATIVE=0`` in
 the environment, ``load`` returns None and callers keep their eager path (logged once, at
 info level). Every kernel gives its eager path's bits, so a result does not depend on
-which ran; ``used()`` names those that did, for the record of a run. Built libraries are cached in ``native/`` under ``$ZPRUNER_CACHE`` (default
-``~/.cache/zpruner``, where models are cached too), keyed by the source, the compiler and
-the CPU, since they are built for this CPU (``-march=native``).
+which ran (a kernel whose sums could not, EC's, was removed); ``used()`` names those that
+did, for the record of a run. Built libraries are cached in ``native/`` under
+``$ZPRUNER_CACHE`` (default ``~/.cache/zpruner``, where models are cached too), keyed by
+the source, the compiler and the CPU, since they are built for this CPU
+(``-march=native``).
 """
 from __future__ import annotations
 
