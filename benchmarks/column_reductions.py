@@ -31,7 +31,7 @@ def median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    from zpruner.columns import column_norm, column_variance
+    from zpruner.kernels.columns import column_norm, column_variance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated OUTxIN")

@@ -3,9 +3,8 @@ for issue 14 and not kept (benchmarks/README.md, "torch.compile").
 
 On one LLaMA-2-13B MLP-shaped layer (W0 ~ N(0, 1/in), a random 50 % mask), EC's row axis
 alone (the masked copy, the row statistics and the rescale in one pass over chunks of
-rows on the worker threads): eager (``energy_compensate_`` with axes ('row',) and
-fused=False: zpruner now runs its own C kernel there, see benchmarks/native_kernels.py) and
-compiled (one function per chunk, inductor, serial kernels, the mask as uint8), each
+rows on the worker threads): eager (``energy_compensate_`` with axes ('row',), what
+zpruner runs) and compiled (one function per chunk, inductor, serial kernels, the mask as uint8), each
 writing a fresh output as EC does; the plain masked copy for reference. Also prints the
 first call's compile time. Medians of ``--repeats``, interleaved.
 
@@ -38,8 +37,8 @@ def main() -> None:
     parser.add_argument("--shape", type=parse_shape, default="13824x5120", help="OUTxIN")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    from zpruner.rowpass import map_chunks, masked_copy
-    from zpruner.updates import energy_compensate_
+    from zpruner.kernels.rowpass import map_chunks, masked_copy
+    from zpruner.kernels.energy import energy_compensate_
 
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(*args.shape, generator=g) / args.shape[1] ** 0.5
@@ -65,7 +64,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         runs = {
             "masked copy (update none)": lambda: masked_copy(W0, keep),
-            "EC row step, eager": lambda: energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25), fused=False),
+            "EC row step, eager": lambda: energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25)),
             "EC row step, compiled": lambda: compiled(False),
             "the same, pages touched first": lambda: compiled(True),
         }

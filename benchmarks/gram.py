@@ -1,4 +1,4 @@
-"""XᵀX of one calibration batch: the whole-matrix ``addmm_`` against ``zpruner.gram``'s
+"""XᵀX of one calibration batch: the whole-matrix ``addmm_`` against ``zpruner.kernels.gram``'s
 upper panels (each on one torch thread, the threads side by side), by input width d and
 panel height; whether the panels give the whole product's bits (``gram.agrees``: random
 data onto a non-zero sum, compared bit for bit), and the time of one batch (median of
@@ -42,7 +42,8 @@ def seconds(fn, repeats: int) -> float:
 
 def pruning(args) -> None:
     import zpruner
-    from zpruner import gram, stats
+    from zpruner import stats
+    from zpruner.kernels import gram
     from _common import prune_config
 
     config = prune_config("sparsegpt", nsamples=64, seqlen=512, seed=0)
@@ -84,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.pruning:
         return pruning(args)
-    from zpruner import gram
+    from zpruner.kernels import gram
 
     rows_list = [int(r) for r in args.rows.split(",")]
     h, w = torch.randn(args.tokens, 576), torch.randn(576, 576)

@@ -1,7 +1,7 @@
 """Where SparseGPT's per-layer time goes on one layer: the XᵀX statistics, the
 inverse-Hessian factorisation (the reference's Cholesky, Cholesky inverse and upper
 Cholesky with torch's functions, timed apart; then zpruner's whole factorisation with
-those functions and with the same LAPACK routines called directly, ``zpruner.lapack``,
+those functions and with the same LAPACK routines called directly, ``zpruner.kernels.lapack``,
 whose bits are checked equal) and the whole solve (column loop, lazy updates), on the
 layer_runtime.py data (W ~ N(0, 1/in) with seed 1, 2048 activations with outlier channels,
 seed 0), 50 % adaptive mask; medians of ``--repeats``.
@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--shape", type=parse_shape, default="5120x5120", help="OUTxIN")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from zpruner import lapack, sparsegpt
+    from zpruner import sparsegpt
+    from zpruner.kernels import lapack
     from zpruner.stats import ActivationStats
 
     d_out, d_in = args.shape
@@ -55,7 +56,7 @@ def main() -> None:
         U_direct = timed("inverse_hessian_factor, LAPACK routines called directly",
                          lambda: sparsegpt.inverse_hessian_factor(H, 0.01))
         if not lapack.available(H):
-            raise SystemExit("zpruner.lapack does not apply here (no C compiler, or no spotrf_ in torch's library)")
+            raise SystemExit("zpruner.kernels.lapack does not apply here (no C compiler, or no spotrf_ in torch's library)")
         if not torch.equal(U_torch.view(torch.int32), U_direct.view(torch.int32)):
             raise SystemExit("the direct routines gave other bits than torch's functions")
         del U_torch, U_direct

@@ -1,4 +1,4 @@
-"""Z-Pruner's matrix std (``scores._matrix_std``): how often its fast sum decides the float32
+"""Z-Pruner's matrix std (``reductions.matrix_std``): how often its fast sum decides the float32
 std, and what one std costs, against the sequential sum alone (``fast=False``), on the two
 standardised matrices of Z-Pruner's score (W divided by its row norms, by its column norms)
 for random LLaMA-2-13B-shaped layers W ~ N(0, 1/in). Every result is checked to be the
@@ -23,12 +23,12 @@ def main() -> None:
     parser.add_argument("--shapes", default="13824x5120,5120x5120", help="comma-separated OUTxIN")
     parser.add_argument("--seeds", type=int, default=12, help="random layers per shape")
     args = parser.parse_args()
-    from zpruner import scores
+    from zpruner.kernels import reductions
 
     cumsum = torch.cumsum
     sequential_runs = [0]
 
-    def counting_cumsum(*a, **k):  # the sequential sum is the only cumulative sum in _matrix_std
+    def counting_cumsum(*a, **k):  # the sequential sum is the only cumulative sum in matrix_std
         sequential_runs[0] += 1
         return cumsum(*a, **k)
 
@@ -38,15 +38,15 @@ def main() -> None:
         for seed in range(args.seeds):
             W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / math.sqrt(shape[1])
             for X in (W / W.norm(dim=1, keepdim=True), W / W.norm(dim=0, keepdim=True)):
-                mean = scores._matrix_mean(X)
+                mean = reductions.matrix_mean(X)
                 start = time.perf_counter()
-                expected = scores._matrix_std(X, mean, fast=False)
+                expected = reductions.matrix_std(X, mean, fast=False)
                 sequential_s.append(time.perf_counter() - start)
                 before = sequential_runs[0]
                 torch.cumsum = counting_cumsum
                 try:
                     start = time.perf_counter()
-                    got = scores._matrix_std(X, mean)
+                    got = reductions.matrix_std(X, mean)
                     elapsed = time.perf_counter() - start
                 finally:
                     torch.cumsum = cumsum

@@ -17,7 +17,7 @@ What it covers, and why:
   a whole model.
 Thread count: before restore-arith, the Z-Pruner score depended on torch's thread count;
 it now computes its whole-matrix means as torch does on two threads, whatever the count
-(``zpruner.scores._matrix_mean``). Compare its score line with an older version's on two
+(``zpruner.kernels.reductions.matrix_mean``). Compare its score line with an older version's on two
 threads (``torch.set_num_threads(2)`` before this script's code), every other line on one.
 """
 import hashlib
@@ -48,7 +48,7 @@ for name, layer in [("rand", W), ("tied", (W / 0.002).round() * 0.002)]:
     if "zpruner" in only:
         from zpruner import scores
 
-        print(f"{name} zpruner score {digest(scores.zpruner(layer, st))}", flush=True)
+        print(f"{name} zpruner score {digest(scores.get_score('zpruner')(layer, st, constants={}))}", flush=True)
     for method in [m for m in METHODS if m in only]:
         for update in ["none", "ec"]:
             for pattern in ["unstructured", "4:8", "2:4"]:

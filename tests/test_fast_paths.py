@@ -1,69 +1,20 @@
 """The fast implementations (chunked scores and EC, threshold selection, row-parallel
-SparseGPT) against the textbook formulas they replaced, kept here verbatim as references."""
+SparseGPT) against the textbook formulas of the method modules (scores, masks, updates,
+sparsegpt)."""
 import pytest
 import torch
 
-from zpruner import rowpass
+from zpruner import scores
+from zpruner.kernels import reductions, rowpass, score_passes, selection
+from zpruner.kernels.columns import column_norm, column_variance
+from zpruner.kernels.energy import energy_compensate_
+from zpruner.kernels.score_passes import cvr, ria, zpruner
 from zpruner.masks import Pattern
-from zpruner.masks import drop_lowest, drop_lowest_set, keep_mask
-from zpruner.columns import column_norm, column_variance
-from zpruner.scores import cvr, ria, wanda, zpruner
+from zpruner.masks import drop_lowest, drop_lowest_by_topk, keep_mask
+from zpruner.registry import SCORES
 from zpruner.sparsegpt import sparsegpt
 from zpruner.stats import ActivationStats
-from zpruner.updates import ec_kernel, energy_compensate, energy_compensate_
-
-# --- the reference formulas, as they were before the fast paths ---------------------------
-
-
-def ref_energy_compensate(W0, W, keep, axes=("col", "row"), clamp=(0.0, float("inf"))):
-    lo, hi = clamp
-    W0, W = W0.float(), W.float() * keep
-    for axis in axes:
-        dim = {"col": 0, "row": 1}[axis]
-        mu = W0.mean(dim=dim, keepdim=True)
-        e0 = (W0 - mu).square().sum(dim=dim, keepdim=True)
-        e = ((W - mu) * keep).square().sum(dim=dim, keepdim=True)
-        gamma = torch.where(e > 0, (e0 / e.where(e > 0, 1.0)).sqrt(), torch.ones_like(e))
-        W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
-    return W
-
-
-def ref_ria(W, stats, a):
-    A = W.abs()
-    col_sum = A.sum(dim=0, keepdim=True)
-    row_sum = A.sum(dim=1, keepdim=True)
-    relative = A / col_sum.where(col_sum > 0, 1.0) + A / row_sum.where(row_sum > 0, 1.0)
-    return relative * stats.l2.pow(a)[None, :]
-
-
-def _standardised(X):
-    std = X.std()
-    return (X - X.mean()) / std.where(std > 0, 1.0)
-
-
-def ref_zpruner(W, stats):
-    A = W.abs()
-    row_norm = W.norm(dim=1, keepdim=True)
-    col_norm = W.norm(dim=0, keepdim=True)
-    z_row = _standardised(W / row_norm.where(row_norm > 0, 1.0))
-    z_col = _standardised(W / col_norm.where(col_norm > 0, 1.0))
-    small = (A < 0.1 * A.mean()).float().mean()
-    alpha = 0.7 * (1 - 0.3 * small)
-    importance = alpha * z_row.abs().pow(3) + (1 - alpha) * z_col.abs().pow(3)
-    return importance * stats.l2.pow(1.5)[None, :]
-
-
-def ref_cvr(W, stats, alpha, eps):
-    a = stats.var.pow(0.25)
-    c = (W.var(dim=0, unbiased=False) + eps).pow(-alpha / 2)
-    return W.abs() * (a * c)[None, :]
-
-
-def ref_drop_lowest(score, k):
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, False)
-    return keep
+from zpruner.updates import energy_compensate
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -102,20 +53,19 @@ def assert_close_relative(actual, expected, rtol):
 @pytest.mark.parametrize("clamp", [(0.0, float("inf")), (0.8, 1.25)])
 @pytest.mark.parametrize("offset", [0.0, 0.3])
 @pytest.mark.parametrize("chunks", ["one chunk", "many chunks"])
-def test_ec_equals_the_reference_formula(monkeypatch, axes, clamp, offset, chunks, fused):
-    """Eager: bit for bit when the matrix is one chunk (every SmolLM2 layer: its verified +EC
+def test_ec_equals_the_reference_formula(monkeypatch, axes, clamp, offset, chunks):
+    """Bit for bit when the matrix is one chunk (every SmolLM2 layer: its verified +EC
     cells stay unchanged); across chunks the column sums are float32-reassociated, within
-    1e-6. Fused (the compiled kernel): every sum reassociated, within 1e-6, however chunked."""
+    1e-6."""
     if chunks == "many chunks":
         monkeypatch.setattr(rowpass, "CHUNK_ELEMENTS", 1000)
     W0, _, keep = layer(37, 53, seed=1, offset=offset)
-    expected = ref_energy_compensate(W0, W0 * keep, keep, axes, clamp)
-    # out of place, in place on a masked copy, and from W0 alone (masked inside a pass)
-    results = [energy_compensate(W0, W0 * keep, keep, axes, clamp, fused),
-               energy_compensate_(W0, W0 * keep, keep, axes, clamp, fused),
-               energy_compensate_(W0, None, keep, axes, clamp, fused)]
+    expected = energy_compensate(W0, W0 * keep, keep, axes, clamp)
+    # in place on a masked copy, and from W0 alone (masked inside a pass)
+    results = [energy_compensate_(W0, W0 * keep, keep, axes, clamp),
+               energy_compensate_(W0, None, keep, axes, clamp)]
     for result in results:
-        if not fused and (chunks == "one chunk" or "col" not in axes):
+        if chunks == "one chunk" or "col" not in axes:
             assert torch.equal(result, expected)
         else:
             assert_close_relative(result, expected, 1e-6)
@@ -123,49 +73,11 @@ def test_ec_equals_the_reference_formula(monkeypatch, axes, clamp, offset, chunk
         assert torch.equal(result == 0, ~keep | (expected == 0))
 
 
-def test_fused_ec_rounds_every_elementwise_step_as_torch_does():
-    """With the sums out of the way, the compiled kernel must give the eager bits, -0.0
-    included: it is built without fused multiply-adds. One row (and, transposed, one
-    column) of 20 multiples of 1/8 whose mean is 0.25: every sum, mean and energy is then
-    exact in any order, and only the elementwise steps round."""
-    g = torch.Generator().manual_seed(3)
-    row = torch.randint(-16, 17, (20,), generator=g).float() / 8
-    row[-1] = 20 * 0.25 - row[:-1].sum()
-    keep = torch.rand(20, generator=g) > 0.4
-    if ec_kernel(row[None], None, keep[None], True) is None:
-        pytest.skip("the native EC kernel could not be built here")
-    signs = []
-    for M, k in ((row[None], keep[None]), (row[:, None].contiguous(), keep[:, None].contiguous())):
-        for axes in (("row",), ("col",), ("row", "col"), ("col", "row")):
-            for clamp in ((0.0, float("inf")), (0.8, 1.25)):
-                expected = energy_compensate_(M, None, k, axes, clamp, fused=False)
-                got = energy_compensate_(M, None, k, axes, clamp, fused=True)
-                assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
-                signs.append(expected[~k].signbit())
-    assert torch.cat(signs).any() and not torch.cat(signs).all()  # both zeros occur
-
-
-def test_fused_ec_gives_torchs_nan_where_energies_overflow():
-    """A row of weights near 1e20: its squares overflow float32, E0 / E is inf / inf, and
-    the eager path's clamp keeps that NaN; so must the kernel's (a min/max clamp would turn
-    it into the lower bound)."""
-    g = torch.Generator().manual_seed(4)
-    W0 = torch.randn(6, 40, generator=g)
-    W0[2] *= 1e20
-    keep = torch.rand(6, 40, generator=g) > 0.5
-    if ec_kernel(W0, None, keep, True) is None:
-        pytest.skip("the native EC kernel could not be built here")
-    expected = energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25), fused=False)
-    got = energy_compensate_(W0, None, keep, ("row",), (0.8, 1.25), fused=True)
-    assert expected[2].isnan().all() and not expected[[0, 1, 3, 4, 5]].isnan().any()
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
-
-
 def test_ec_of_a_reconstructed_layer_equals_the_reference(small_chunks):
     """W need not be W0 masked (SparseGPT's output): EC must use W, not W0, for the energies."""
     W0, _, keep = layer(40, 48, seed=2)
     W = (W0 + 0.1 * torch.randn_like(W0)) * keep
-    expected = ref_energy_compensate(W0, W, keep)
+    expected = energy_compensate(W0, W, keep)
     assert_close_relative(energy_compensate_(W0, W.clone(), keep), expected, 1e-6)
     assert not torch.allclose(energy_compensate_(W0, None, keep), expected, rtol=1e-3)
 
@@ -182,10 +94,28 @@ def test_ec_rejects_an_unknown_axis():
 @pytest.mark.parametrize("offset", [0.0, 0.05])
 def test_scores_equal_the_reference_formulas(small_chunks, offset):
     W, stats, _ = layer(45, 61, seed=3, offset=offset)
-    assert_close_relative(ria(W, stats, a=0.5), ref_ria(W, stats, 0.5), 1e-6)
-    assert torch.equal(zpruner(W, stats), ref_zpruner(W, stats))
-    assert_close_relative(cvr(W, stats, alpha=1.0, eps=1e-6), ref_cvr(W, stats, 1.0, 1e-6), 1e-6)
-    assert torch.equal(wanda(W, stats), W.abs() * stats.l2[None, :])
+    assert torch.equal(ria(W, stats, a=0.5), scores.ria(W, stats, a=0.5))
+    assert torch.equal(zpruner(W, stats), scores.zpruner(W, stats))
+    assert torch.equal(cvr(W, stats, alpha=1.0, eps=1e-6), scores.cvr(W, stats, alpha=1.0, eps=1e-6))
+    assert torch.equal(scores.wanda(W, stats), W.abs() * stats.l2[None, :])
+
+
+def test_a_fast_version_runs_where_it_applies_and_the_formula_elsewhere():
+    with SCORES.registered("toy", lambda W, stats=None: W.abs(), default_group="row"):
+        SCORES.accelerate("toy", applies=lambda W, stats=None: W.shape[0] > 2)(lambda W, stats=None: -W.abs())
+        small, large = torch.ones(2, 3), torch.ones(3, 3)
+        assert torch.equal(SCORES["toy"](small, None, constants={}), small)
+        assert torch.equal(SCORES["toy"](large, None, constants={}), -large)
+        with pytest.raises(ValueError, match="already has a fast version"):
+            SCORES.accelerate("toy")(lambda W, stats=None: W)
+    with pytest.raises(ValueError, match="not registered"):
+        SCORES.accelerate("toy")(lambda W, stats=None: W)
+
+
+@pytest.mark.parametrize("name", ["ria", "zpruner", "cvr"])
+def test_registered_scores_run_their_fast_versions(name):
+    W, stats, _ = layer(45, 61, seed=3)
+    assert scores.get_score(name).implementation(W, stats) is getattr(score_passes, name)
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (45, 61), (300, 2), (1536, 576), (576, 1536), (768, 2304)])
@@ -221,7 +151,7 @@ def test_column_norm_is_torchs_bit_for_bit(shape, layout):
 def test_column_norm_probe_rejects_a_fused_multiply_add(monkeypatch):
     """A build of torch whose column sum fuses x·x + acc must get torch's own kernel: the
     probe tells the two sums apart."""
-    from zpruner import columns
+    from zpruner.kernels import columns
 
     def fused(W):
         total = torch.zeros(W.shape[1], dtype=torch.float64)
@@ -255,12 +185,10 @@ def test_zpruner_fraction_of_small_weights_is_the_references_either_way(monkeypa
     """α's fraction of small weights is counted (exact below 2²⁴ per share, a chunk at a
     time) or, above, summed as floats as torch does: the same score both ways, on one
     share and on two."""
-    from zpruner import scores
-
-    monkeypatch.setattr(scores, "_EXACT_COUNT", count_limit)
+    monkeypatch.setattr(reductions, "_EXACT_COUNT", count_limit)
     for shape in [(45, 61), (300, 250)]:
         W, stats, _ = layer(*shape, seed=8)
-        assert torch.equal(zpruner(W, stats), two_thread_reference(ref_zpruner, W, stats))
+        assert torch.equal(zpruner(W, stats), two_thread_reference(scores.zpruner, W, stats))
 
 
 def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
@@ -269,7 +197,7 @@ def test_zpruner_score_survives_zero_rows_and_columns(small_chunks):
     W[:, 7] = 0
     S = zpruner(W, stats)
     assert torch.isfinite(S).all()
-    assert torch.equal(S, ref_zpruner(W, stats))
+    assert torch.equal(S, scores.zpruner(W, stats))
 
 
 @pytest.fixture
@@ -294,7 +222,7 @@ def test_zpruner_of_a_real_shaped_layer_is_the_two_thread_reference_on_any_threa
     count; the verified Table 1 was measured on two threads, and the score gives those bits
     on one thread as on two."""
     W, stats, _ = layer(1536, 576, seed=12)
-    expected = two_thread_reference(ref_zpruner, W, stats)
+    expected = two_thread_reference(scores.zpruner, W, stats)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -305,13 +233,11 @@ def test_zpruner_of_a_real_shaped_layer_is_the_two_thread_reference_on_any_threa
 
 @pytest.mark.parametrize("n", [1000, 32767, 32768, 32769, 65536, 65537, 884736, 3_000_001])
 def test_matrix_mean_and_std_are_torchs_two_thread_ones(n, two_thread_reference):
-    from zpruner.scores import _matrix_mean, _matrix_std
-
     g = torch.Generator().manual_seed(n)
     X = (torch.randn(n, generator=g) * 0.01 + 1e-3).reshape(1, -1)
-    mean = _matrix_mean(X)
+    mean = reductions.matrix_mean(X)
     assert torch.equal(mean, two_thread_reference(torch.mean, X))
-    assert torch.equal(_matrix_std(X, mean), two_thread_reference(torch.std, X))
+    assert torch.equal(reductions.matrix_std(X, mean), two_thread_reference(torch.std, X))
 
 
 @pytest.mark.parametrize("slack, sequential", [(None, False), (1e7, True)])
@@ -319,16 +245,14 @@ def test_matrix_std_runs_the_sequential_sum_only_when_the_fast_one_cannot_decide
         monkeypatch, two_thread_reference, slack, sequential):
     """The fast sum decides the float32 std unless a rounding boundary lies within its
     error bound (a bound made huge here); either way the bits are torch's."""
-    from zpruner import scores
-
     if slack is not None:
-        monkeypatch.setattr(scores, "_STD_SLACK", slack)
+        monkeypatch.setattr(reductions, "_STD_SLACK", slack)
     cumsums = []
     cumsum = torch.cumsum
     monkeypatch.setattr(torch, "cumsum", lambda *a, **k: cumsums.append(1) or cumsum(*a, **k))
     X = (torch.randn(100_000, generator=torch.Generator().manual_seed(7)) * 0.01).reshape(1, -1)
-    mean = scores._matrix_mean(X)
-    assert torch.equal(scores._matrix_std(X, mean), two_thread_reference(torch.std, X))
+    mean = reductions.matrix_mean(X)
+    assert torch.equal(reductions.matrix_std(X, mean), two_thread_reference(torch.std, X))
     assert bool(cumsums) == sequential
 
 
@@ -340,7 +264,7 @@ def test_ec_of_a_real_shaped_layer_is_the_reference_bit_for_bit(threads):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        expected = ref_energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25))
+        expected = energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25))
         assert torch.equal(energy_compensate_(W, None, keep, ("col", "row"), (0.8, 1.25)), expected)
     finally:
         torch.set_num_threads(before)
@@ -358,7 +282,7 @@ def test_ec_across_chunks_is_the_same_on_one_and_two_threads():
             results.append(energy_compensate_(W, None, keep, ("col", "row"), (0.8, 1.25)))
     finally:
         torch.set_num_threads(before)
-    assert_close_relative(results[0], ref_energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25)), 1e-6)
+    assert_close_relative(results[0], energy_compensate(W, W * keep, keep, ("col", "row"), (0.8, 1.25)), 1e-6)
     assert torch.equal(results[0], results[1])
 
 
@@ -370,7 +294,7 @@ def test_layer_selection_equals_topk_on_distinct_scores(fraction):
     g = torch.Generator().manual_seed(5)
     score = torch.randperm(300_000, generator=g).float().reshape(1, -1)  # all distinct
     k = int(fraction * score.numel())
-    assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+    assert torch.equal(drop_lowest(score, k), drop_lowest_by_topk(score, k))
 
 
 @pytest.mark.parametrize("levels", [2, 7, 1000])
@@ -382,7 +306,7 @@ def test_layer_selection_with_ties_at_the_cut_is_topk_s(levels):
     k = 123_457
     keep = drop_lowest(score, k)
     assert int((~keep).sum()) == k
-    assert torch.equal(keep, ref_drop_lowest(score, k))
+    assert torch.equal(keep, drop_lowest_by_topk(score, k))
 
 
 @pytest.mark.parametrize("levels", [2, 7, 1000])
@@ -390,18 +314,16 @@ def test_long_row_with_ties_at_the_cut_drops_the_first_tied_without_topk(monkeyp
     """From TIES_BY_INDEX_MIN scores on (a whole 7B-70B layer), no top-k: everything below
     the k-th score goes, everything above stays, and of the scores equal to it the lowest
     indices go, exactly k in all."""
-    from zpruner import masks
-
     g = torch.Generator().manual_seed(14)
-    score = torch.randint(levels, (1, masks.TIES_BY_INDEX_MIN), generator=g).float()
-    k = masks.TIES_BY_INDEX_MIN // 2 + 12_345
+    score = torch.randint(levels, (1, selection.TIES_BY_INDEX_MIN), generator=g).float()
+    k = selection.TIES_BY_INDEX_MIN // 2 + 12_345
     t = score.reshape(-1).kthvalue(k).values
     tied = torch.nonzero(score[0] == t).reshape(-1)
     need = k - int((score < t).sum())
     expected = score[0] > t
     expected[tied[need:]] = True
     assert 0 < need < tied.numel()  # the cut falls inside a level
-    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    monkeypatch.setattr(selection.torch, "topk", None)  # any top-k call would fail
     keep = drop_lowest(score, k)
     assert int((~keep).sum()) == k
     assert torch.equal(keep[0], expected)
@@ -409,11 +331,9 @@ def test_long_row_with_ties_at_the_cut_drops_the_first_tied_without_topk(monkeyp
 
 def test_layer_selection_with_ties_below_the_cut_needs_no_topk(monkeypatch):
     """Ties that do not straddle the cut are decided by the threshold alone."""
-    from zpruner import masks
-
     score = torch.randperm(200_000, generator=torch.Generator().manual_seed(11)).float().reshape(1, -1)
     score[0, :5000] = 3.0  # 5000 equal scores, all far below the cut
-    monkeypatch.setattr(masks.torch, "topk", None)  # any top-k call would fail
+    monkeypatch.setattr(selection.torch, "topk", None)  # any top-k call would fail
     keep = drop_lowest(score, 100_000)
     assert int((~keep).sum()) == 100_000
     assert (~keep[0, :5000]).all()
@@ -426,37 +346,30 @@ def test_layer_selection_keeps_nan_scores_like_topk():
     keep = drop_lowest(score, 40_000)
     assert int((~keep).sum()) == 40_000
     assert keep[0, ::97].all()
-    assert torch.equal(keep, ref_drop_lowest(score, 40_000))
+    assert torch.equal(keep, drop_lowest_by_topk(score, 40_000))
 
 
 def test_layer_selection_falls_back_when_the_sample_misses(monkeypatch):
     """A bracket that misses t (forced here by a 2-score sample) must not give a wrong mask."""
-    from zpruner import masks
-
-    monkeypatch.setattr(masks, "SAMPLE_SIZE", 2)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 2)
     score = torch.randperm(100_000, generator=torch.Generator().manual_seed(7)).float().reshape(1, -1)
     for k in (1, 1000, 50_000, 99_999):
-        assert torch.equal(drop_lowest(score, k), ref_drop_lowest(score, k))
+        assert torch.equal(drop_lowest(score, k), drop_lowest_by_topk(score, k))
 
 
-def test_selection_as_a_set_is_the_same_in_any_order_and_declines_ties_at_the_cut():
+def test_layer_selection_at_the_ends_and_of_a_short_row_is_topks():
     g = torch.Generator().manual_seed(12)
-    score = torch.randn(300_000, generator=g)
-    order = torch.randperm(score.numel(), generator=g)
-    k = 150_001
-    keep = drop_lowest_set(score, k)
-    assert torch.equal(keep, ref_drop_lowest(score.reshape(1, -1), k).reshape(-1))
-    assert torch.equal(drop_lowest_set(score[order], k), keep[order])
-    tied = torch.randint(7, (300_000,), generator=g).float()  # the cut falls inside a level
-    assert drop_lowest_set(tied, k) is None
-    assert drop_lowest_set(score[:1000], 10) is None  # too few to search: top-k decides
-    assert drop_lowest_set(tied, 0).all() and not drop_lowest_set(tied, tied.numel()).any()
+    tied = torch.randint(7, (1, 300_000), generator=g).float()
+    for k in (0, tied.numel()):
+        assert torch.equal(drop_lowest(tied, k), drop_lowest_by_topk(tied, k))
+    short = torch.randint(7, (1, 1000), generator=g).float()  # too short to search: top-k decides its tie
+    assert torch.equal(drop_lowest(short, 501), drop_lowest_by_topk(short, 501))
 
 
 def test_layer_mask_of_a_real_shaped_score_matches_topk():
     W, _, _ = layer(512, 384, seed=8)
     keep = keep_mask(W.abs(), 0.5, Pattern(), "layer")
-    assert torch.equal(keep, ref_drop_lowest(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
+    assert torch.equal(keep, drop_lowest_by_topk(W.abs().reshape(1, -1), W.numel() // 2).reshape(W.shape))
 
 
 @pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)], ids=["row", "2:4"])
@@ -467,7 +380,7 @@ def test_row_selection_in_chunks_is_one_topk_over_the_matrix(small_chunks, patte
     score = torch.randint(levels, (97, 64), generator=torch.Generator().manual_seed(12)).float()
     keep = keep_mask(score, 0.5, pattern, "row")
     groups, k = (score, 32) if not pattern.is_nm else (score.reshape(-1, 4), 2)
-    assert torch.equal(keep, ref_drop_lowest(groups, k).reshape(score.shape))
+    assert torch.equal(keep, drop_lowest_by_topk(groups, k).reshape(score.shape))
 
 
 def test_masked_copy_is_the_product_with_the_mask_bit_for_bit(small_chunks):
@@ -537,15 +450,15 @@ def test_zpruner_is_the_reference_with_and_without_its_compiled_passes(monkeypat
                                                                        compiled, shape):
     """Z-Pruner's compiled score pass, small-weight count and fast std sums (any size, on
     the CPU) against its torch passes (GPU, no compiler): the same bits."""
-    from zpruner import native, scores
+    from zpruner.kernels import native
 
-    if compiled and native.load(*scores._KERNEL) is None:
-        pytest.skip("the native Z-Pruner kernel could not be built here")
+    if compiled and None in (native.load(*score_passes._KERNEL), native.load(*reductions._KERNEL)):
+        pytest.skip("the native Z-Pruner kernels could not be built here")
     if not compiled:
-        monkeypatch.setattr(scores, "_reduction_kernel", lambda X: None)
-        monkeypatch.setattr(scores, "_score_kernel", lambda *operands: None)
+        monkeypatch.setattr(reductions, "_reduction_kernel", lambda X: None)
+        monkeypatch.setattr(score_passes, "_score_kernel", lambda *operands: None)
     W, stats, _ = layer(*shape, seed=21, offset=0.01)
     W[2] = 0.0
     W[:, 3] = 0.0
-    assert (scores._reduction_kernel(W) is not None) == compiled
-    assert torch.equal(zpruner(W, stats), two_thread_reference(ref_zpruner, W, stats))
+    assert (reductions._reduction_kernel(W) is not None) == compiled
+    assert torch.equal(zpruner(W, stats), two_thread_reference(scores.zpruner, W, stats))

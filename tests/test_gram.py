@@ -1,9 +1,9 @@
-"""XᵀX over the upper panels (zpruner.gram) and its use in the activation statistics."""
+"""XᵀX over the upper panels (zpruner.kernels.gram) and its use in the activation statistics."""
 import pytest
 import torch
 from torch import nn
 
-from zpruner import gram
+from zpruner.kernels import gram
 from zpruner.layers import Matrix
 from zpruner.stats import ActivationStats, record_inputs
 

@@ -1,11 +1,12 @@
-"""zpruner.lapack: torch's own LAPACK routines called directly for SparseGPT's factor,
+"""zpruner.kernels.lapack: torch's own LAPACK routines called directly for SparseGPT's factor,
 bit for bit what torch.linalg's functions give, and its triangle copy."""
 from unittest import mock
 
 import pytest
 import torch
 
-from zpruner import lapack, native, sparsegpt
+from zpruner import sparsegpt
+from zpruner.kernels import lapack, native
 
 
 def direct_or_skip(H: torch.Tensor) -> None:

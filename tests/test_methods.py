@@ -73,12 +73,12 @@ def test_scores_survive_all_zero_rows_and_columns():
         assert torch.isfinite(score).all()
 
 
-def test_ec_column_hand_computed(fused):
+def test_ec_column_hand_computed():
     W0 = torch.tensor([[3.0], [1.0], [-1.0], [1.0]])  # μ = 1, centred energy 4 + 0 + 4 + 0 = 8
     keep = torch.tensor([[True], [True], [False], [False]])  # kept centred energy 4 -> γ = √2
-    out = energy_compensate(W0, W0 * keep, keep, ("col",), fused=fused)
+    out = energy_compensate(W0, W0 * keep, keep, ("col",))
     assert torch.allclose(out, torch.tensor([[1 + 2 * 2 ** 0.5], [1.0], [0.0], [0.0]]))
-    clamped = energy_compensate(W0, W0 * keep, keep, ("col",), clamp=(0.5, 1.25), fused=fused)
+    clamped = energy_compensate(W0, W0 * keep, keep, ("col",), clamp=(0.5, 1.25))
     assert torch.allclose(clamped, torch.tensor([[1 + 2 * 1.25], [1.0], [0.0], [0.0]]))
 
 
@@ -88,23 +88,23 @@ def centred_energy(W0, W, keep, dim):
 
 
 @pytest.mark.parametrize("mode,dim", [(("col",), 0), (("row",), 1), (("col", "row"), 1)])
-def test_ec_matches_energy_keeps_zeros_and_sparsity(mode, dim, fused):
+def test_ec_matches_energy_keeps_zeros_and_sparsity(mode, dim):
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(24, 32, generator=g) + 0.3
     keep = keep_mask(W0.abs(), 0.5, Pattern(), "row")
-    out = energy_compensate(W0, W0 * keep, keep, mode, fused=fused)
+    out = energy_compensate(W0, W0 * keep, keep, mode)
     assert torch.equal(out == 0, ~keep)
     got, want = centred_energy(W0, out, keep, dim)
     assert torch.allclose(got, want, rtol=1e-4)  # the last pass matches exactly
 
 
-def test_ec_respects_the_clamp(fused):
+def test_ec_respects_the_clamp():
     g = torch.Generator().manual_seed(1)
     W0 = torch.randn(16, 16, generator=g)
     keep = keep_mask(W0.abs(), 0.7, Pattern(), "row")
     _, gamma = energy_scale(W0, W0 * keep, keep, 1)
     assert gamma.max() > 1.1  # so the clamp below binds
-    out = energy_compensate(W0, W0 * keep, keep, ("row",), clamp=(1 / 1.1, 1.1), fused=fused)
+    out = energy_compensate(W0, W0 * keep, keep, ("row",), clamp=(1 / 1.1, 1.1))
     got, want = centred_energy(W0, out, keep, 1)
     ratio = (got / want).sqrt()  # how far each row got towards its target
     expected = (gamma.squeeze(1).clamp(1 / 1.1, 1.1) / gamma.squeeze(1))

@@ -71,7 +71,7 @@ def test_every_activation_method_beats_magnitude(smollm2, wikitext, calibration,
 def test_cvr_column_variance_is_torchs_on_every_smollm2_layer(smollm2):
     """The fast column variance leaves the verified CVR cells as they are: same bits here."""
     from zpruner.layers import iter_matrices
-    from zpruner.columns import column_variance
+    from zpruner.kernels.columns import column_variance
 
     for name, layer in iter_matrices(smollm2[0]):
         W = layer.weight

@@ -9,8 +9,10 @@
 """
 from importlib.metadata import version as _version
 
-# The built-in methods register themselves, in the order help texts and reports list them.
+# The built-in methods register themselves, in the order help texts and reports list them;
+# then the CPU fast paths attach their faster versions to them (zpruner.kernels).
 from . import scores, updates, sparsegpt, admm, allocation  # noqa: F401, I001
+from .kernels import score_passes  # noqa: F401, I001
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .data import calibration, calibration_windows, eval_tokens, load_texts
 from .errors import ZprunerError

@@ -229,7 +229,7 @@ def disk_peak_bytes(model: nn.Module, dtype: torch.dtype, tokens: int, hessian: 
       times its input at d_in 11008 with torch.linalg's functions, 2.07 with the LAPACK
       routines it calls directly on the CPU: benchmarks/factor_memory.py); on the CPU the
       first block's statistics pass also holds one more XᵀX of its widest layer, the
-      panel probe's (``zpruner.gram.agrees``);
+      panel probe's (``zpruner.kernels.gram.agrees``);
     - the modules outside the blocks (embeddings and LM head, resident while the first
       block's inputs are captured and while logits are computed);
 

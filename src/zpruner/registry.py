@@ -27,6 +27,12 @@ Signatures by kind (W: [out, in] float32, keep: bool, True = kept):
   the pruned one, or None for W0 masked by keep (the update may then build it cheaper);
   every update returns exactly keep's zeros.
 Constants are passed under their field names, or under ``constant(keyword=...)``.
+
+A registered function is the method's formula, written to be read. A faster version of it
+(chunked passes, compiled loops: ``zpruner.kernels``) is attached with
+``Registry.accelerate(name, applies=...)`` and runs in its place wherever ``applies`` holds
+for the arguments of the call (always when applies is None); it must give the formula's
+result, bit for bit or within a tolerance its docstring states, and tests hold it to that.
 """
 from __future__ import annotations
 
@@ -96,6 +102,8 @@ class Method:
     needs_activations: bool = False  # reads the calibration inputs' statistics
     needs_hessian: bool = False  # reads XᵀX (implies activations); also: reconstructs the weights
     default_group: str | None = None  # scores: where unstructured masks compare ('row' or 'layer')
+    fast: Callable | None = None  # fn's faster version, same signature (Registry.accelerate)
+    applies: Callable[..., bool] | None = None  # where fast runs: applies(*args, **kwargs); None: always
 
     @property
     def constant_fields(self) -> tuple[dataclasses.Field, ...]:
@@ -105,8 +113,16 @@ class Method:
         """The function's keyword arguments from ``values`` (constant name -> value)."""
         return {f.metadata.get("keyword") or f.name: values[f.name] for f in self.constant_fields}
 
+    def implementation(self, *args, **kwargs) -> Callable:
+        """The function a call with these arguments runs: the fast version where it is
+        attached and applies, else the formula."""
+        if self.fast is not None and (self.applies is None or self.applies(*args, **kwargs)):
+            return self.fast
+        return self.fn
+
     def __call__(self, *args, constants: dict[str, Any], **kwargs):
-        return self.fn(*args, **kwargs, **self.kwargs(constants))
+        kwargs = {**kwargs, **self.kwargs(constants)}
+        return self.implementation(*args, **kwargs)(*args, **kwargs)
 
 
 class Registry(dict):
@@ -140,6 +156,20 @@ class Registry(dict):
         if self.kind == "score" and method.default_group not in ("row", "layer"):
             raise ValueError(f"score '{method.name}' needs default_group 'row' or 'layer'")
         self[method.name] = method
+
+    def accelerate(self, name: str, *, applies: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: attach ``fast`` to the registered method ``name``, to run instead of its
+        function wherever ``applies(*args, **kwargs)`` holds for a call's arguments (always
+        when None). ``fast`` is returned unchanged."""
+        def wrap(fast: Callable) -> Callable:
+            if name not in self:
+                raise ValueError(f"{self.kind} '{name}' is not registered; register it before accelerating it")
+            if self[name].fast is not None:
+                raise ValueError(f"{self.kind} '{name}' already has a fast version")
+            self[name] = dataclasses.replace(self[name], fast=fast, applies=applies)
+            return fast
+
+        return wrap
 
     def get_method(self, name: str) -> Method:
         if name not in self:

@@ -14,19 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import lapack, native
 from .errors import ZprunerError
-from .masks import Pattern, drop_lowest, drop_lowest_set, n_pruned
+from .kernels import lapack, sparsegpt_columns
+from .masks import Pattern, drop_lowest, n_pruned
 from .registry import SOLVERS, UPDATES, constant
-from .rowpass import map_chunks
 
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RAISES = 6
-
-_KERNEL = ("sparsegpt_kernel", (
-    ("sparsegpt_columns", (native.POINTER, native.INT64) * 4 + (native.INT64,) * 4, native.INT),
-))
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -37,7 +32,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     singular), λ is raised tenfold with a warning and retried; never silently skipped.
 
     The reference's three steps (Cholesky, Cholesky inverse, upper Cholesky of the
-    inverse); on the CPU their LAPACK routines are called directly (``zpruner.lapack``):
+    inverse); on the CPU their LAPACK routines are called directly (``zpruner.kernels.lapack``):
     the same bits as torch.linalg's functions, without their triangle copies.
     """
     H = H.float()
@@ -88,17 +83,10 @@ def _saliency(W1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 def _block_keep(W1: torch.Tensor, d: torch.Tensor, pruned_before: int, pruned_after: int) -> torch.Tensor:
     """Unstructured mask of one column block W1: [out, cols] (any strides): drop the lowest
     saliencies W²/d², as many as make the layer's running count exact (floor(s·out·cols)
-    over the columns so far).
-
-    When the lowest saliencies are a set of values, any order selects them; when a tie at
-    the cut makes top-k's choice matter, they are ranked in the reference's [out, cols]
-    order, so that the mask is the reference's either way."""
+    over the columns so far), compared over the block in the reference's [out, cols]
+    order (which decides among tied saliencies)."""
     k = pruned_after - pruned_before
-    saliency = _saliency(W1, d)
-    keep = drop_lowest_set(saliency.reshape(-1), k)
-    if keep is None:
-        return drop_lowest(saliency.reshape(1, -1), k).reshape(W1.shape)
-    return keep.reshape(W1.shape)
+    return drop_lowest(_saliency(W1, d).reshape(1, -1), k).reshape(W1.shape)
 
 
 @torch.no_grad()
@@ -111,9 +99,9 @@ def sparsegpt(
     keep None: choose the mask inside the solver (unstructured at ``sparsity`` per layer,
     or N:M groups). keep given: reconstruct only. Columns are processed in blocks of
     ``blocksize`` (a multiple of M for N:M), with lazy updates of the later columns. On the
-    CPU a block's column loop runs as compiled code (``sparsegpt_kernel.c``, built by
-    ``zpruner.native``), with the same bits, unless N:M groups are chosen in the loop
-    (``fused``: see ``_kernel``).
+    CPU a block's column loop runs as compiled code (``kernels.sparsegpt_columns``), with
+    the eager loop's bits, unless N:M groups are chosen in the loop (``fused``: see
+    ``sparsegpt_columns.load``).
 
     Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast
     as one from LLaMA-2-7B's layer shapes up, and 0.84-1.23 times on SmolLM2's small ones
@@ -144,14 +132,17 @@ def _solve(
         keep = keep.to(W.device).clone(memory_format=torch.contiguous_format)
     if pattern.is_nm:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    kernel = _kernel(W, U, keep, fused, groups_chosen=choose and pattern.is_nm)
+    group_keep = _group_keep(pattern) if choose and pattern.is_nm else None
+    kernel = sparsegpt_columns.load(W, U, keep, fused, groups_chosen=group_keep is not None)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
-        U1 = U[i1:i2, i1:i2]
-        if kernel is not None:
-            err1 = _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern)
+        if choose and not pattern.is_nm:
+            keep[:, i1:i2] = _block_keep(W[:, i1:i2], U.diagonal()[i1:i2], n_pruned(sparsity, d_out * i1),
+                                         n_pruned(sparsity, d_out * i2))
+        if kernel is not None:  # the compiled loop, where it applies (sparsegpt_columns.load)
+            err1 = sparsegpt_columns.block(kernel, W, U, keep, i1, i2, pattern.m, group_keep)
         else:
-            err1 = _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern)
+            err1 = _eager_block(W, U[i1:i2, i1:i2], keep, i1, i2, pattern.m, group_keep)
         # The lazy update multiplies the reference's own layout: BLAS may sum in another
         # order for a transposed operand (it did for a 96 x 64 by 64 x 8 product). In place,
         # it is the reference's product and subtraction without a temporary the size of the
@@ -160,37 +151,29 @@ def _solve(
     return W.mul_(keep), keep  # W is this solve's own copy
 
 
-def _kernel(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, fused: bool | None, groups_chosen: bool = False):
-    """The compiled column loop (``sparsegpt_kernel.c``) where it builds and applies (CPU,
-    float32, contiguous), else None; same bits as the eager loop. fused None: unless N:M
-    groups are chosen inside the loop (a kernel call per group, each copying the block's
-    tiles in and out, lost to the torch loop: benchmarks/native_kernels.py); True: always;
-    False: never."""
-    applies = (fused is not False and native.fits(W) and native.fits(U, layout="any")
-               and native.fits(keep, dtype=torch.bool) and keep.shape == W.shape and (fused or not groups_chosen))
-    return native.load(*_KERNEL) if applies else None
+def _group_keep(pattern: Pattern):
+    """The N:M mask of a group of columns Wg: [out, M] (any strides) with U's diagonal d:
+    [M] there, chosen in the column loop: the N lowest saliencies of each row."""
+    return lambda Wg, d: drop_lowest(_saliency(Wg, d), pattern.n)
 
 
-def _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor:
+def _eager_block(W, U1, keep, i1, i2, group, group_keep) -> torch.Tensor:
     """One block's column loop in torch ops, updating W and keep in place; returns the
-    block's errors [out, width] for the lazy update."""
-    d_out = W.shape[0]
+    block's errors [out, width] for the lazy update. With ``group_keep``, the mask of every
+    ``group`` columns is chosen as the loop reaches them (N:M). The reference whose bits
+    ``kernels.sparsegpt_columns.block`` computes compiled."""
     # The block is worked on transposed, [cols, out], so that a column of W and every
     # rank-1 update below run over contiguous memory: the same elementwise operations
     # as the reference on each weight, hence the same bits; with the in-place update
     # below, the solve takes half the time at 5120 inputs (benchmarks/README.md,
     # "SparseGPT's column loop").
     W1 = W[:, i1:i2].t().contiguous()
-    if choose and not pattern.is_nm:
-        keep1 = _block_keep(W1.t(), U1.diagonal(), n_pruned(sparsity, d_out * i1),
-                            n_pruned(sparsity, d_out * i2)).t().contiguous()
-    else:
-        keep1 = keep[:, i1:i2].t().contiguous()
+    keep1 = keep[:, i1:i2].t().contiguous()
     err1 = torch.empty_like(W1)
     for j in range(i2 - i1):
-        if choose and pattern.is_nm and j % pattern.m == 0:
-            group = slice(j, j + pattern.m)
-            keep1[group] = drop_lowest(_saliency(W1[group].t(), U1.diagonal()[group]), pattern.n).t()
+        if group_keep is not None and j % group == 0:
+            columns = slice(j, j + group)
+            keep1[columns] = group_keep(W1[columns].t(), U1.diagonal()[columns]).t()
         w, dj = W1[j], U1[j, j]
         err = (w - w * keep1[j]) / dj
         W1[j:] -= U1[j, j:, None] * err[None, :]
@@ -198,35 +181,6 @@ def _eager_block(W, U1, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor
     keep[:, i1:i2] = keep1.t()
     W[:, i1:i2] = (W1 * keep1).t()
     return err1.t().contiguous()
-
-
-def _fused_block(kernel, W, U, keep, i1, i2, choose, sparsity, pattern) -> torch.Tensor:
-    """``_eager_block`` with the column loop compiled, in W's own layout (no transposed
-    copies), its output rows shared out over the worker threads."""
-    d_out, d_in = W.shape
-    width = i2 - i1
-    U1 = U[i1:i2, i1:i2].contiguous()  # LAPACK's factor comes column-major
-    diagonal = U1.diagonal()
-    if choose and not pattern.is_nm:
-        keep[:, i1:i2] = _block_keep(W[:, i1:i2], diagonal, n_pruned(sparsity, d_out * i1),
-                                     n_pruned(sparsity, d_out * i2))
-    err1 = torch.empty(d_out, width, dtype=W.dtype, device=W.device)
-    step = pattern.m if choose and pattern.is_nm else width
-    rows = -(-d_out // (2 * torch.get_num_threads()))  # two pieces a thread: one stalled thread delays less
-    for j1 in range(0, width, step):
-        j2 = min(j1 + step, width)
-        if choose and pattern.is_nm:
-            keep[:, i1 + j1:i1 + j2] = drop_lowest(_saliency(W[:, i1 + j1:i1 + j2], diagonal[j1:j2]), pattern.n)
-
-        def columns(part: slice, _scratch) -> int:
-            return kernel.sparsegpt_columns(W[part.start, i1:].data_ptr(), d_in, keep[part.start, i1:].data_ptr(),
-                                            d_in, U1.data_ptr(), width, err1[part.start].data_ptr(), width,
-                                            part.stop - part.start, j1, j2, width)
-
-        if any(map_chunks(columns, W, 0, rows=rows)):
-            raise MemoryError(f"SparseGPT: no memory for a {width}-column block's work buffers")
-    W[:, i1:i2].mul_(keep[:, i1:i2])
-    return err1
 
 
 @dataclass(frozen=True, kw_only=True)

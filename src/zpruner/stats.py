@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import gram
+from .kernels import gram
 from .experts import Experts, check_seen, observed
 from .layers import Matrix
 
@@ -29,8 +29,8 @@ class Contribution:
     XᵀX is accumulated as ``xtx.addmm_(xᵀ, x)``, the product added inside the matrix
     multiply, as the engine always had it: ``xtx += xᵀ @ x`` rounds differently, which
     moved the verified SmolLM2 SparseGPT perplexities by up to 1.9 % (on the CPU, over the
-    upper panels only where that gives the same bits: ``zpruner.gram``). The product is not
-    computed once then, it is done once per accumulator *content*: layers fed the same
+    upper panels only where that gives the same bits: ``zpruner.kernels.gram``). The product
+    is not computed once then, it is done once per accumulator *content*: layers fed the same
     inputs in the same order hold bit-identical XᵀX, so the second and third of them copy
     the first one's sum (a d_in² copy, not a tokens × d_in² product). A token per content
     (``ActivationStats.xtx_state``) says when two accumulators hold the same sum.

@@ -13,16 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native, rowpass
 from .errors import ZprunerError
+from .kernels import energy
+from .kernels.rowpass import masked_copy
 from .registry import UPDATES, constant
-from .rowpass import Scratch, map_chunks, mask_as_float, masked_copy, sum_parts
-
-_KERNEL = ("ec_kernel", (
-    ("ec_column_energies", (native.POINTER,) * 4 + (native.INT64, native.INT64, native.POINTER, native.POINTER)),
-    ("ec_row_pass", (native.POINTER, native.POINTER, native.POINTER, native.INT, native.POINTER, native.POINTER,
-                     native.INT, native.FLOAT, native.FLOAT, native.INT64, native.INT64)),
-))
 
 
 def check_clamp(clamp: tuple[float, float]) -> None:
@@ -42,7 +36,7 @@ class EnergyConstants:
 
 @UPDATES.register("none")
 def keep_only(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats=None) -> torch.Tensor:
-    """No correction: the pruned weights as they are."""
+    """No correction: the pruned weights as they are (W0·keep, made in chunks of rows)."""
     return masked_copy(W0.float(), keep) if W is None else W
 
 
@@ -67,7 +61,7 @@ def energy_scale(W0: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, dim: int
 
 def energy_compensate(
     W0: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, axes: tuple[str, ...] = ("col", "row"),
-    clamp: tuple[float, float] = (0.0, float("inf")), fused: bool | None = None,
+    clamp: tuple[float, float] = (0.0, float("inf")),
 ) -> torch.Tensor:
     """Energy compensation (statistical-correction paper, "EC"), in the order of ``axes``.
 
@@ -75,142 +69,25 @@ def energy_compensate(
     centred energy Σ_kept (W' − μ)² equals the dense slice's Σ (W0 − μ)²:
     W' = μ + clamp(γ)·(W − μ) on kept entries, 0 elsewhere. The clamp bounds how far one
     slice may be rescaled when most of its energy was pruned away. Returns a new tensor.
-    ``fused``: see ``ec_kernel``.
     """
-    return energy_compensate_(W0, W.float() * keep, keep, axes, clamp, fused)
-
-
-def ec_kernel(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, fused: bool | None = None):
-    """The compiled EC kernel (``ec_kernel.c``) if it builds and applies to these tensors,
-    else None. fused None: only for a matrix larger than a chunk, whose column sums are
-    reassociated anyway (a one-chunk matrix, every SmolLM2 layer, keeps the textbook bits);
-    True: whatever the size (tests); False: never."""
-    applies = (fused is not False and native.fits(W0) and native.fits(keep, dtype=torch.bool)
-               and keep.shape == W0.shape and (W is None or (native.fits(W) and W.shape == W0.shape))
-               and (fused or W0.numel() > rowpass.CHUNK_ELEMENTS))
-    return native.load(*_KERNEL) if applies else None
-
-
-def energy_compensate_(
-    W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, axes: tuple[str, ...] = ("col", "row"),
-    clamp: tuple[float, float] = (0.0, float("inf")), fused: bool | None = None,
-) -> torch.Tensor:
-    """``energy_compensate`` in place on W: float32 [out, in], already zero where not kept;
-    or W None for W0 masked by keep, then written to a new tensor (returned).
-
-    The textbook form ``energy_compensate`` documents (the reference in
-    tests/test_fast_paths.py), in fewer passes (see ``rowpass`` for why passes, not flops,
-    are the cost here), bit for bit but for the column sums of a matrix larger than a
-    chunk. Elementwise arithmetic is the same whether it runs over the whole
-    matrix or a chunk of rows, and so is a reduction along a row; a reduction along a
-    column is not (its summation order depends on how many rows it sees). Hence:
-    - a column step's two energies are summed in one pass, per chunk of rows, the chunks'
-      sums added in chunk order: the textbook bits when the matrix is one chunk (every
-      SmolLM2 layer, so its verified +EC cells), float32 reassociation otherwise (within
-      1e-6, relative; the same on any thread count). Its rescale is folded into the pass
-      of the following row step;
-    - a row step's statistics and rescale finish within a chunk of rows;
-    - every expression keeps the textbook order of operations: (W − μ)·keep, squared;
-      (μ + γ·(W − μ))·keep. (Regroupings such as γ·W + keep·(1 − γ)·μ are equal in exact
-      arithmetic only, and moved the verified SmolLM2 +EC perplexities by up to 0.13 %.)
-    - with W None, the masked copy of W0 is made chunk by chunk inside the first pass
-      that writes W, not as a whole-matrix product with a bool mask beforehand.
-    On the CPU, a matrix larger than a chunk runs each pass as one compiled loop per row
-    (``ec_kernel``; ``fused`` as there): the same elementwise bits, every sum (rows too)
-    reassociated, in float64.
-    """
-    lo, hi = clamp
-    W0 = W0.float()
-    kernel = ec_kernel(W0, W, keep, fused)
-    fresh = W is None  # W still to be made: W0·keep, chunk by chunk in the first writing pass
-    if fresh:
-        W = torch.empty_like(W0)
-    pending = None  # a column step's (μ, γ) whose rescale is still to be applied
-
-    def fused_pass(rows: slice, row_step: bool) -> None:
-        """The masked copy (if fresh), the pending column rescale and a row step, as asked."""
-        mu, gamma = (t.data_ptr() for t in pending) if pending is not None else (None, None)
-        kernel.ec_row_pass(W0[rows].data_ptr(), W[rows].data_ptr(), keep[rows].data_ptr(), fresh, mu, gamma,
-                           row_step, lo, hi, rows.stop - rows.start, W0.shape[1])
-
-    def masked(rows: slice, kept: torch.Tensor) -> torch.Tensor:
-        """W's rows: made from W0 in this pass if W is still fresh."""
-        return torch.mul(W0[rows], kept, out=W[rows]) if fresh else W[rows]
-
-    def rescale(block: torch.Tensor, kept: torch.Tensor, mu: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """(μ + γ·(W − μ))·keep in place on block (same bits as the out-of-place form)."""
-        return block.sub_(mu).mul_(gamma).add_(mu).mul_(kept)
-
-    def current(rows: slice, kept: torch.Tensor) -> torch.Tensor:
-        """W's rows after the steps so far: the pending column rescale applied here."""
-        block = masked(rows, kept)
-        return block if pending is None else rescale(block, kept, *pending)
-
-    def column_step() -> tuple[torch.Tensor, torch.Tensor]:
-        mu = W0.mean(dim=0, keepdim=True)
-
-        def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-            n = rows.stop - rows.start
-            if kernel:
-                e0, e = torch.zeros(2, W0.shape[1], dtype=torch.float64, device=W0.device)
-                kernel.ec_column_energies(W0[rows].data_ptr(), None if fresh else W[rows].data_ptr(),
-                                          keep[rows].data_ptr(), mu.data_ptr(), n, W0.shape[1], e0.data_ptr(),
-                                          e.data_ptr())
-                return e0, e
-            kept = mask_as_float(keep[rows], scratch.get(0, n))
-            buf = scratch.get(1, n)
-            e0 = torch.sub(W0[rows], mu, out=buf).square_().sum(dim=0, keepdim=True)
-            if fresh:
-                # W = W0·keep: ((W − μ)·keep)² is (W0 − μ)²·keep to the bit (·1 exact, and
-                # a dropped entry's square is +0 either way), so the squares of e0 serve,
-                # and W is made by the next pass that writes it
-                return e0, buf.mul_(kept).sum(dim=0, keepdim=True)
-            e = torch.sub(W[rows], mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
-            return e0, e
-
-        parts = map_chunks(energies, W, 0 if kernel else 2)
-        e0, e = (sum_parts([part[i] for part in parts]).float().view(mu.shape) for i in (0, 1))
-        return mu, _gamma(e0, e).clamp(lo, hi)
-
-    def column_rescale(rows: slice, scratch: Scratch) -> None:
-        if kernel:
-            return fused_pass(rows, row_step=False)
-        current(rows, mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start)))
-
-    def row_step(rows: slice, scratch: Scratch) -> None:
-        if kernel:
-            return fused_pass(rows, row_step=True)
-        dense = W0[rows]
-        kept = mask_as_float(keep[rows], scratch.get(1, dense.shape[0]))
-        block = current(rows, kept)
-        mu = dense.mean(dim=1, keepdim=True)
-        buf = scratch.get(0, block.shape[0])
-        e0 = torch.sub(dense, mu, out=buf).square_().sum(dim=1, keepdim=True)
-        block.sub_(mu)  # the rescale's first step, done before E needs it: one op fewer
-        e = torch.mul(block, kept, out=buf).square_().sum(dim=1, keepdim=True)
-        block.mul_(_gamma(e0, e).clamp(lo, hi)).add_(mu).mul_(kept)
-
     for axis in axes:
         if axis not in ("col", "row"):
             raise ZprunerError(f"EC axis '{axis}' is unknown; choose 'col' or 'row'")
+    lo, hi = clamp
+    W0, W = W0.float(), W.float() * keep
     for axis in axes:
-        if pending is not None and axis == "col":
-            map_chunks(column_rescale, W, 0 if kernel else 1)
-            pending, fresh = None, False
-        if axis == "col":
-            pending = column_step()
-        else:
-            map_chunks(row_step, W, 0 if kernel else 2)
-            pending, fresh = None, False
-    if pending is not None or fresh:  # a last column rescale, or no axes: just the masked copy
-        map_chunks(column_rescale, W, 0 if kernel else 1)
+        mu, gamma = energy_scale(W0, W, keep, dim=0 if axis == "col" else 1)
+        W = (mu + gamma.clamp(lo, hi) * (W - mu)) * keep
     return W
 
 
 def _energy(axes: tuple[str, ...], W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats=None, *,
             clamp: tuple[float, float]) -> torch.Tensor:
-    # W is the caller's own float32 copy (or None): EC may work in place
-    return energy_compensate_(W0, W, keep, axes, clamp)
+    """``energy_compensate`` as runs compute it: in chunked passes (``kernels.energy``),
+    everywhere, as they give its bits on a matrix of one chunk (every SmolLM2 layer) and
+    float32 reassociation of its column sums only across chunks. W is the caller's own
+    float32 copy (or None): they may work in place."""
+    return energy.energy_compensate_(W0, W, keep, axes, clamp)
 
 
 # In the order the statistical-correction paper's ablation adds them.

@@ -1,4 +1,4 @@
-/* A symmetric matrix's lower triangle written from its upper one (zpruner/lapack.py).
+/* A symmetric matrix's lower triangle written from its upper one (zpruner/kernels/lapack.py).
  *
  * LAPACK's spotri leaves the inverse in one triangle; the next factorisation reads the
  * other. torch fills it with a strided loop; here the copy runs tile by tile, so that the

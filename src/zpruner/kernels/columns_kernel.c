@@ -1,5 +1,5 @@
-/* Column moments for CVR's column variance (zpruner/columns.py, column_variance): Σx and
- * Σx² down the columns of a chunk of rows, in float64, in one read of the chunk.
+/* Column moments for CVR's column variance (zpruner/kernels/columns.py, column_variance):
+ * Σx and Σx² down the columns of a chunk of rows, in float64, in one read of the chunk.
  *
  * x² of a float32 is exact in float64 (48 significant bits), and column_variance's error
  * bound holds for any order of summation, so the row order here needs no match with

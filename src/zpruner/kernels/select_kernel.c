@@ -1,9 +1,10 @@
-/* The passes of a threshold selection over a range of float32 scores (zpruner/masks.py,
- * _select_compiled): a count, a gather and the mask, each one loop over the range where
- * torch takes three to five ops with bool temporaries. Comparisons only, no arithmetic:
- * the result is the torch passes' exactly. NaN compares false everywhere, so it is never
- * below, never a candidate, and kept (as top-k, which ranks NaN highest). The loops are
- * written without branches on the data, so that the compiler can vectorise them.
+/* The passes of a threshold selection over a range of float32 scores
+ * (zpruner/kernels/selection.py, _select_compiled): a count, a gather and the mask, each
+ * one loop over the range where torch takes three to five ops with bool temporaries.
+ * Comparisons only, no arithmetic: the result is the torch passes' exactly. NaN compares
+ * false everywhere, so it is never below, never a candidate, and kept (as top-k, which
+ * ranks NaN highest). The loops are written without branches on the data, so that the
+ * compiler can vectorise them.
  */
 #include <stdint.h>
 #include <string.h>

@@ -11,7 +11,7 @@ torch's own CPU library, hence torch's MKL or OpenBLAS and its thread setting) r
 same values in the same layout: torch's bits, with one n x n buffer instead of three.
 
 Used only where it applies (CPU, float32, square) and where torch's library exports the
-routines and the triangle copy (``triangle_kernel.c``, ``zpruner.native``) builds; else
+routines and the triangle copy (``triangle_kernel.c``, built by ``native``) builds; else
 callers keep torch's functions (``available``).
 """
 from __future__ import annotations
@@ -31,12 +31,17 @@ _MIRROR = ("triangle_kernel", (("mirror_upper_to_lower", (native.POINTER, native
 _INT_P = ctypes.POINTER(ctypes.c_int)
 
 
-@functools.cache
 def _routines() -> tuple | None:
-    """(spotrf, spotri, mirror) or None, logged once."""
+    """(spotrf, spotri, mirror) or None. The mirror is loaded on each call, for
+    ``native.used``'s record of the runs that call the routines."""
     mirror = native.load(*_MIRROR)
-    if mirror is None:
-        return None
+    routines = _torch_routines() if mirror is not None else None
+    return None if routines is None else (*routines, mirror.mirror_upper_to_lower)
+
+
+@functools.cache
+def _torch_routines() -> tuple | None:
+    """(spotrf, spotri) of torch's own library, or None, logged once."""
     # torch's own library, by its file: dlsym through its handle also searches the BLAS it
     # was linked against, so this finds whichever spotrf_ torch itself calls.
     libraries = sorted((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*"))
@@ -49,7 +54,7 @@ def _routines() -> tuple | None:
     for routine in routines:  # LP64, as torch declares them: (uplo, n, a, lda, info)
         routine.argtypes = [ctypes.c_char_p, _INT_P, ctypes.c_void_p, _INT_P, _INT_P]
         routine.restype = None
-    return (*routines, mirror.mirror_upper_to_lower)
+    return routines
 
 
 def available(A: torch.Tensor) -> bool:

@@ -2,16 +2,20 @@
 compiler and called through ctypes.
 
 Why: some of zpruner's per-layer work is a chain of cheap elementwise ops that torch runs
-as one pass over memory each (energy compensation: about twenty). Fusing them needs a
-compiled loop. ``torch.compile`` was measured and lost to the eager chain on the CPU
+as one pass over memory each (Z-Pruner's score: thirteen per chunk of rows), or a Python
+loop of small ops (SparseGPT's columns). Fusing them needs a compiled loop.
+``torch.compile`` was measured and lost to the eager chain on the CPU
 (benchmarks/ec_fused.py); a plain C loop needs no torch headers, so it builds in about a
 second, and ctypes releases the GIL, so rowpass's worker threads run it in parallel.
 
 Everything here is optional: with no compiler, a failed build, or ``ZPRUNER_NATIVE=0`` in
 the environment, ``load`` returns None and callers keep their eager path (logged once, at
-info level). Built libraries are cached in ``native/`` under ``$ZPRUNER_CACHE`` (default
-``~/.cache/zpruner``, where models are cached too), keyed by the source, the compiler and
-the CPU, since they are built for this CPU (``-march=native``).
+info level). Every kernel gives its eager path's bits, so a result does not depend on
+which ran (a kernel whose sums could not, EC's, was removed); ``used()`` names those that
+did, for the record of a run. Built libraries are cached in ``native/`` under
+``$ZPRUNER_CACHE`` (default ``~/.cache/zpruner``, where models are cached too), keyed by
+the source, the compiler and the CPU, since they are built for this CPU
+(``-march=native``).
 """
 from __future__ import annotations
 
@@ -57,11 +61,34 @@ def fits(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32, layout: str
     return all(t.device.type == "cpu" and t.dtype == dtype and laid_out(t) for t in tensors)
 
 
-@functools.cache
+_used: set[str] = set()  # names of the kernels handed out since reset_used()
+
+
 def load(name: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
     """The library built from ``<name>.c`` beside this file, with ``signatures`` ((function,
     argument ctypes[, result ctype]) tuples) declared; None when it cannot be built or
-    native code is off."""
+    native code is off. Callers load a kernel where they are about to run it: a library
+    returned here is recorded as used."""
+    library = _loaded(name, signatures)
+    if library is not None:
+        _used.add(name)
+    return library
+
+
+def used() -> list[str]:
+    """The kernels (their C files' names) loaded to run since ``reset_used()``, or since the
+    process started, sorted."""
+    return sorted(_used)
+
+
+def reset_used() -> None:
+    """Start a new record for ``used()`` (at the start of a run)."""
+    _used.clear()
+
+
+@functools.cache
+def _loaded(name: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
+    """``load`` without the record, built and loaded once per process."""
     if not enabled():
         log.info("native %s off (ZPRUNER_NATIVE=0): using the eager torch path", name)
         return None

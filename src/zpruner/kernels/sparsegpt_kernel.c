@@ -1,13 +1,14 @@
-/* SparseGPT's column loop within one block, on a range of output rows (zpruner/sparsegpt.py).
+/* SparseGPT's column loop within one block, on a range of output rows
+ * (zpruner/kernels/sparsegpt_columns.py; the eager loop: zpruner/sparsegpt.py).
  *
  * The eager loop runs four torch ops and a temporary per column of W, in Python; here
  * TILE output rows at a time are copied out transposed (the block's columns as rows of
  * TILE floats, in L1), worked off column by column with every step a vector over the
- * TILE rows, and copied back. Built by zpruner/native.py with -ffp-contract=off, so every
- * value rounds as the reference's separate ops round it: err = (w - w * keep) / U[j][j],
- * then w[r] = w[r] - (U[j][r] * err) for r >= j. There is no sum: the bits are the
- * reference's, and the output rows are independent, so any split of them over threads or
- * tiles gives the same.
+ * TILE rows, and copied back. Built by zpruner/kernels/native.py with -ffp-contract=off,
+ * so every value rounds as the reference's separate ops round it:
+ * err = (w - w * keep) / U[j][j], then w[r] = w[r] - (U[j][r] * err) for r >= j. There is
+ * no sum: the bits are the reference's, and the output rows are independent, so any split
+ * of them over threads or tiles gives the same.
  *
  * W points at W[row0][i1] (row stride ldw), keep at keep[row0][i1] (0/1 bytes, stride
  * ldk), U at the block's diagonal U[i1][i1] (stride ldu), err at err[row0][0] (stride
