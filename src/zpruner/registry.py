@@ -31,6 +31,7 @@ Constants are passed under their field names, or under ``constant(keyword=...)``
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,17 +164,43 @@ UPDATES = Registry("update", "--update")
 ALLOCATIONS = Registry("allocation", "--allocation")
 
 
+# The built-in methods register themselves when their modules are imported; that happens on
+# the first lookup, so that describing a run (zpruner.config) imports no torch.
+BUILTIN_MODULES = ("scores", "updates", "sparsegpt", "admm", "allocation")
+_loaded = False
+
+
+def load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+
+
 def _method_kinds() -> tuple[Registry, ...]:
+    load_builtins()
     return SCORES, SOLVERS
 
 
 def _registries() -> tuple[Registry, ...]:
+    load_builtins()
     return SCORES, SOLVERS, UPDATES, ALLOCATIONS
 
 
 def method_names() -> list[str]:
     """``--method`` choices: every score, then every solver."""
-    return [*SCORES, *SOLVERS]
+    return [name for registry in _method_kinds() for name in registry]
+
+
+def update_names() -> list[str]:
+    load_builtins()
+    return list(UPDATES)
+
+
+def allocation_names() -> list[str]:
+    load_builtins()
+    return list(ALLOCATIONS)
 
 
 def get_method(name: str) -> Method:
@@ -185,10 +212,12 @@ def get_method(name: str) -> Method:
 
 
 def get_update(name: str) -> Method:
+    load_builtins()
     return UPDATES.get_method(name)
 
 
 def get_allocation(name: str) -> Method:
+    load_builtins()
     return ALLOCATIONS.get_method(name)
 
 
