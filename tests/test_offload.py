@@ -157,7 +157,7 @@ def test_resume_with_other_options_is_refused(monkeypatch, capsys, tmp_path, tin
     (["--offload", "none", "--resume"], "--resume needs --offload disk"),
     (["--offload", "disk", "--resume"], "there is no unfinished run to resume"),
     (["--offload", "disk", "--tasks", "arc_easy"], "zero-shot tasks (--tasks) run through lm-eval on the whole model"),
-    (["--offload", "tape"], "argument --offload: invalid choice: 'tape'"),
+    (["--offload", "tape"], "offload 'tape' is unknown; choose one of auto, none, cpu, disk"),
 ])
 def test_offload_errors(capsys, tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     model_dir = tiny_model_dir("llama")

@@ -37,7 +37,7 @@ def pruned_ppl(smollm2, wikitext, calibration, method, **options):
 
 
 def test_wikitext_tokenizes_as_the_protocol_says(wikitext):
-    assert wikitext.shape == (1, 304_986)  # 148 windows of 2048 (README, "Data: offline and online")
+    assert wikitext.shape == (1, 304_986)  # 148 windows of 2048 (docs/data.md)
 
 
 def test_gguf_is_converted_once_to_plain_safetensors(smollm2):

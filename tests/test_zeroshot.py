@@ -22,7 +22,7 @@ def sentence(rng: random.Random, words: int = 8) -> str:
 
 
 def item_pair(task: str, rng: random.Random) -> tuple[dict, dict]:
-    """One synthetic item in the hub's fields and in the local layout (README, "Data: offline and online")."""
+    """One synthetic item in the hub's fields and in the local layout (docs/data.md)."""
     choices = [sentence(rng, 3) for _ in range(4)]
     gold = rng.randrange(4)
     labels = ["A", "B", "C", "D"]

@@ -6,40 +6,29 @@
     calib = zpruner.calibration(tokenizer, cfg, data_dir="../shared/data")
     zpruner.prune(model, cfg, calib)
     print(zpruner.evaluate_tasks(model, tokenizer, "arc_easy,boolq", data_dir="../shared/data", limit=100))
-"""
-from importlib.metadata import version as _version
 
-# The built-in methods register themselves, in the order help texts and reports list them;
-# then the CPU fast paths attach their faster versions to them (zpruner.kernels).
-from . import scores, updates, sparsegpt, admm, allocation  # noqa: F401, I001
-from .kernels import score_passes  # noqa: F401, I001
-from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
-from .data import calibration, calibration_windows, eval_tokens, load_texts
-from .errors import ZprunerError
-from .evaluate import perplexity
-from .layers import measure_sparsity
-from .models import load_model
-from .pruning import prune
-from .runner import run
-from .zeroshot import evaluate_tasks
+The names below are imported when first used, so that ``import zpruner.config`` (describing
+a run) does not import torch.
+"""
+from importlib import import_module
+from importlib.metadata import version as _version
 
 __version__ = _version("zpruner")
 
-__all__ = [
-    "EvalConfig",
-    "ModelConfig",
-    "PruneConfig",
-    "RunConfig",
-    "ZeroShotConfig",
-    "ZprunerError",
-    "calibration",
-    "calibration_windows",
-    "eval_tokens",
-    "evaluate_tasks",
-    "load_model",
-    "load_texts",
-    "measure_sparsity",
-    "perplexity",
-    "prune",
-    "run",
-]
+# public name -> the module that defines it
+_API = {
+    "EvalConfig": "config", "ModelConfig": "config", "PruneConfig": "config", "RunConfig": "config",
+    "ZeroShotConfig": "config", "ZprunerError": "errors", "calibration": "data", "calibration_windows": "data",
+    "eval_tokens": "data", "load_texts": "data", "perplexity": "evaluate", "measure_sparsity": "layers",
+    "load_model": "models", "prune": "pruning", "run": "runner", "evaluate_tasks": "zeroshot",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'zpruner' has no attribute '{name}'")
+    value = getattr(import_module(f"{__name__}.{_API[name]}"), name)
+    globals()[name] = value
+    return value

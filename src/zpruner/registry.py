@@ -37,6 +37,7 @@ result, bit for bit or within a tolerance its docstring states, and tests hold i
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,7 +145,9 @@ class Registry(dict):
     def add(self, method: Method) -> None:
         if not isinstance(method.name, str) or not method.name or method.name != method.name.strip():
             raise ValueError(f"{self.kind} name {method.name!r} must be a non-empty text without spaces around")
-        if method.name in self or (self.option == "--method" and any(method.name in r for r in _method_kinds())):
+        # the registries as they are now: registering must not load the built-ins (the first
+        # built-in registration happens while they load)
+        if method.name in self or (self.option == "--method" and any(method.name in r for r in (SCORES, SOLVERS))):
             raise ValueError(f"{self.kind} '{method.name}' is already registered")
         if method.constants is not None:
             if not dataclasses.is_dataclass(method.constants):
@@ -193,17 +196,40 @@ UPDATES = Registry("update", "--update")
 ALLOCATIONS = Registry("allocation", "--allocation")
 
 
+# The built-in methods register themselves when their modules are imported, in the order
+# help texts and reports list them, then the CPU fast paths attach their faster versions to
+# them (zpruner.kernels). That happens on the first lookup, so that describing a run
+# (zpruner.config) imports no torch.
+BUILTIN_MODULES = ("scores", "updates", "sparsegpt", "admm", "allocation", "kernels.score_passes")
+_loaded = False
+
+
+def load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+
+
 def _method_kinds() -> tuple[Registry, ...]:
+    load_builtins()
     return SCORES, SOLVERS
-
-
-def _registries() -> tuple[Registry, ...]:
-    return SCORES, SOLVERS, UPDATES, ALLOCATIONS
 
 
 def method_names() -> list[str]:
     """``--method`` choices: every score, then every solver."""
-    return [*SCORES, *SOLVERS]
+    return [name for registry in _method_kinds() for name in registry]
+
+
+def update_names() -> list[str]:
+    load_builtins()
+    return list(UPDATES)
+
+
+def allocation_names() -> list[str]:
+    load_builtins()
+    return list(ALLOCATIONS)
 
 
 def get_method(name: str) -> Method:
@@ -215,17 +241,24 @@ def get_method(name: str) -> Method:
 
 
 def get_update(name: str) -> Method:
+    load_builtins()
     return UPDATES.get_method(name)
 
 
 def get_allocation(name: str) -> Method:
+    load_builtins()
     return ALLOCATIONS.get_method(name)
 
 
 def constants() -> dict[str, Constant]:
     """Every registered constant by name, in registration order, with all its owners."""
+    load_builtins()
+    return _registered_constants()
+
+
+def _registered_constants() -> dict[str, Constant]:
     found: dict[str, Constant] = {}
-    for registry in _registries():
+    for registry in (SCORES, SOLVERS, UPDATES, ALLOCATIONS):
         for method in registry.values():
             for f in method.constant_fields:
                 owner = f"{method.kind} {method.name}"
@@ -241,7 +274,7 @@ def constants() -> dict[str, Constant]:
 def _check_same_definition(f: dataclasses.Field) -> None:
     """Constants share one flat namespace (CLI flags, grid settings, results): a name two
     methods use must mean the same thing to both."""
-    known = constants().get(f.name)
+    known = _registered_constants().get(f.name)
     if known is not None and (known.default, known.help, known.kind) != (f.default, f.metadata["help"],
                                                                           f.metadata["kind"]):
         raise ValueError(f"constant '{f.name}' is already defined differently by {', '.join(known.owners)}; "

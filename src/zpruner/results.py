@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import is_number
-from .config import EXECUTION_OPTIONS, SCHEMA_VERSION, PruneConfig, RunConfig  # noqa: F401 (SCHEMA_VERSION: re-exported)
+from .config import SCHEMA_VERSION, PruneConfig, RunConfig, options  # noqa: F401 (SCHEMA_VERSION: re-exported)
 from .errors import ZprunerError
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,10 @@ def run_key(config: RunConfig | dict) -> str:
     live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
     lack newer fields: absent and None count the same)."""
     d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "save_dtype", "overwrite", "protocol", "schema_version",
-                 "dense_baseline", *EXECUTION_OPTIONS):
-        d.pop(name, None)
+    d.pop("schema_version", None)
+    for opt in options("run"):  # where data and outputs live, how the run executes
+        if not opt.keyed:
+            d.pop(opt.field, None)
     if d.get("prune") is not None:
         d["prune"] = PruneConfig.from_dict(d["prune"]).identity()
     d = _without_none(json.loads(json.dumps(d)))

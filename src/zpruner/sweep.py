@@ -24,50 +24,38 @@ from typing import Any
 
 import yaml
 
-from .checks import check_bool, check_int, check_str
-from .config import RunConfig, ZeroShotConfig, check_prune_field
+from .checks import check_bool
+from .config import RunConfig, check_option, options
+from .options import Option
 from .errors import ZprunerError
 from .io import check_output_file, dumps_json, refuse_special, write_failure
 from .masks import Pattern
-from .protocols import check_protocol
 from .registry import constants
 from .results import RunResult, config_key, json_lines, read_result, replace_non_finite, run_key, skipped_line
 
 log = logging.getLogger(__name__)
 
-AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "seeds")
-# Fixed options a grid file may set (the command line's spelling, with underscores); the
-# registered methods' constants (zpruner.registry.constants) are settings too.
-FIXED_SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows",
-                  "eval_batch_size", "tasks", "limit", "batch_size", "dense", "dtype", "device", "group",
-                  "calib_batch_size", "reallocate", "allocation", "prune_experts", "expert_score", "expert_stats")
+AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "seeds")  # Grid's lists
+
+
+def axis_options() -> dict[str, Option]:
+    """Grid list -> the run option each of its values is (zpruner.config's schema)."""
+    return {o.axis: o for o in options() if o.grid == "axis"}
 
 
 def settings() -> tuple[str, ...]:
-    return (*FIXED_SETTINGS, *constants())
-
-
-# Grid list -> the PruneConfig field each value becomes.
-AXIS_FIELDS = {"methods": "method", "updates": "update", "patterns": "pattern", "sparsities": "sparsity",
-               "nsamples": "nsamples", "seeds": "seed"}
+    """The fixed settings a grid may give (the command line's spelling, with underscores):
+    the run options that are grid settings, whether to measure the dense model, and the
+    registered methods' constants (zpruner.registry.constants)."""
+    return (*(o.name for o in options() if o.grid == "setting"), "dense", *constants())
 
 
 def check_setting(name: str, value: Any) -> None:
     """A grid file's fixed setting: its type and range, as the option of the same name."""
-    if value is None:
-        return
-    if name in ("eval_seqlen",):
-        check_int(name, value, minimum=2)
-    elif name in ("eval_windows", "eval_batch_size", "limit", "batch_size"):
-        check_int(name, value)
-    elif name in ("dense",):
+    if name == "dense":
         check_bool(name, value)
-    elif name in ("eval_dataset", "dtype", "device", "protocol"):
-        check_str(name, value)
-    elif name == "tasks":
-        ZeroShotConfig(value)
     else:
-        check_prune_field(name, value)
+        check_option(name, value)
 
 
 @dataclass
@@ -98,14 +86,11 @@ class Grid:
                                f"lists: {', '.join(AXES)}; settings: {', '.join(settings())}")
         if self.settings.get("limit") is not None and self.settings.get("tasks") is None:
             raise ZprunerError("--limit sets up zero-shot tasks; add --tasks (e.g. --tasks paper)")
-        check_protocol(self.settings.get("protocol"))
         # Every value alone, before any combination: a wrong type or range stops the sweep
         # with one line, and plan_grid's skipped list keeps only refused combinations.
-        for axis, field_name in AXIS_FIELDS.items():
+        for axis, opt in axis_options().items():
             for value in getattr(self, axis):
-                check_prune_field(field_name, value)
-        for model in self.models:
-            check_str("model", model)
+                opt.check(value)
         for name, value in self.settings.items():
             check_setting(name, value)
 

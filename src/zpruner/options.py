@@ -1,0 +1,138 @@
+"""Run options, each declared once, as a field of a configuration dataclass made with
+``option(default, help, ...)`` (as a method's constants are made with
+``registry.constant``): its flat name (the CLI flag without ``--``, the sweep grid's
+setting, the keyword of ``RunConfig.from_options``), its kind (type and bounds), its default,
+its help text, where it appears, and whether it enters the run key. From these come the
+CLI's flags (``zpruner.cli``), the checks of a configuration's fields and of a grid's
+settings, the run key (``results.run_key``) and the usage in the docs (generated from the
+parser). Adding a run option is one ``option(...)`` field plus the code that uses it.
+
+Torch-free on purpose: describing a run must not import the pruning code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .checks import check_bool, check_fraction, check_int, check_str, label
+from .errors import ZprunerError
+
+KINDS = ("text", "path", "int", "seed", "window", "float", "fraction", "flag", "choice", "sparsity", "pattern", "tasks")
+# keyed: True, False, "changed" (only when it differs from its default: the option is newer than
+# results files keyed without it) or the name of a boolean property of the configuration that
+# says whether the option decides its results (e.g. calibration settings of a data-free method).
+Keyed = bool | str
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option. ``section`` is the configuration it fills ('model', 'prune', 'eval',
+    'zero_shot', 'run'), ``field`` its field there (None: an option that is no field, e.g.
+    --no-eval). ``commands``: the subcommands whose CLI offers it; ``grid``: 'axis' (a list
+    the sweep combines; ``axis`` names it), 'setting' (a grid's fixed setting) or ''."""
+
+    name: str
+    section: str
+    field: str | None
+    kind: str
+    default: Any
+    help: str
+    choices: Callable[[], Sequence[str]] | tuple[str, ...] | None = None
+    minimum: int | None = None  # int kinds: the least value (default 1)
+    group: str = "pruning"
+    commands: tuple[str, ...] = ("prune",)
+    grid: str = "setting"
+    axis: str | None = None
+    keyed: Keyed = True
+    preset: bool = False  # a --protocol fills it when it is not given
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def choice_names(self) -> tuple[str, ...]:
+        return tuple(self.choices() if callable(self.choices) else self.choices or ())
+
+    def check(self, value: Any) -> Any:
+        """``value`` checked (None, not given, always passes), as the configuration stores it."""
+        if value is None:
+            return None
+        if self.kind == "path":  # empty or misplaced paths: the runner's checks say what the path is
+            if not isinstance(value, str):
+                raise ZprunerError(f"{label(self.name)} must be a path, got {value!r}")
+        elif self.kind in ("text", "pattern"):
+            check_str(self.name, value)
+            if self.kind == "pattern":
+                from .patterns import Pattern
+
+                Pattern.parse(value)
+        elif self.kind in ("int", "seed", "window"):
+            minimum = {"seed": 0, "window": 2}.get(self.kind, 1 if self.minimum is None else self.minimum)
+            check_int(self.name, value, minimum=minimum)
+        elif self.kind == "flag":
+            check_bool(self.name, value)
+        elif self.kind == "fraction":
+            check_fraction(self.name, value)
+            value = float(value)
+        elif self.kind == "sparsity":
+            from .patterns import check_sparsity
+
+            check_sparsity(value)
+            value = float(value)
+        elif self.kind == "choice":
+            names = self.choice_names()
+            if not isinstance(value, str) or value not in names:
+                raise ZprunerError(f"{self.name.replace('_', ' ')} {value!r} is unknown; choose one of "
+                                   f"{', '.join(names)}")
+        elif self.kind == "tasks":
+            from .tasks import parse_tasks
+
+            if not isinstance(value, (str, list, tuple)):
+                raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {value!r}")
+            parse_tasks(value)
+        return value
+
+    def is_keyed(self, config: Any) -> bool:
+        """Whether this option's value in ``config`` enters the run key."""
+        if isinstance(self.keyed, bool):
+            return self.keyed
+        if self.keyed == "changed":
+            return getattr(config, self.field) != self.default
+        return bool(getattr(config, self.keyed))
+
+
+def option(default: Any, help: str, kind: str, **spec) -> Any:
+    """A configuration field that is a run option (see ``Option``; ``name`` defaults to the
+    field's name, ``section`` and ``field`` are the dataclass's)."""
+    if kind not in KINDS:
+        raise ValueError(f"option kind {kind!r}: use one of {', '.join(KINDS)}")
+    return dataclasses.field(default=default, metadata={"option": {"help": help, "kind": kind, **spec}})
+
+
+def of_class(cls: type, section: str) -> list[Option]:
+    """The options declared as fields of the dataclass ``cls``."""
+    found = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("option")
+        if spec is not None:
+            spec = dict(spec)
+            found.append(Option(spec.pop("name", f.name), section, f.name, spec.pop("kind"),
+                                f.default, spec.pop("help"), **spec))
+    return found
+
+
+def check_fields(config: Any, options: list[Option]) -> None:
+    """Each option field of ``config`` checked, and stored as its check returns it."""
+    for opt in options:
+        if opt.field is not None:
+            setattr(config, opt.field, opt.check(getattr(config, opt.field)))
+
+
+def unknown(names: set[str], known: Sequence[str], what: str) -> ZprunerError:
+    return ZprunerError(f"{what} {', '.join(sorted(names))} unknown; known: {', '.join(known)}")
+
+
+__all__ = ["Option", "option", "of_class", "check_fields", "label"]
