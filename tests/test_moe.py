@@ -109,7 +109,7 @@ def _pruned_run(tmp_path, model_dir, data_dir, offload="none", **prune_options):
                        PruneConfig(nsamples=4, seqlen=32, **prune_options), EvalConfig(seqlen=32, windows=4),
                        data_dir=str(data_dir), save=str(save), offload=offload)
     workspace = Workspace(config.model, config.data_dir, offload_mode=offload)
-    results = run(config, progress=False, workspace=workspace)
+    results = run(config, progress=False, workspace=workspace).to_dict()  # as the results file holds them
     return results, workspace.model, save
 
 

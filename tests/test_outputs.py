@@ -188,11 +188,12 @@ def test_a_nan_never_reaches_a_results_file(tmp_path):
 def test_diverged_perplexity_is_reported_as_not_finite(capsys, tmp_path, tiny_model_dir, tiny_data_dir,
                                                        monkeypatch):
     import zpruner.runner
+    from zpruner.evaluate import Perplexity
 
     def infinite(*args, **kwargs):
-        return {"value": math.inf, "windows": 2, "seqlen": 32, "predicted_tokens": 62}
+        return Perplexity(math.inf, 2, 32, 62)
 
-    monkeypatch.setattr(zpruner.runner, "_perplexity_entry", infinite)
+    monkeypatch.setattr(zpruner.runner, "perplexity", infinite)
     out = tmp_path / "r.json"
     assert main(["prune", *quick(tiny_model_dir("llama"), tiny_data_dir), "--output-json", str(out)]) == 0
     stdout = capsys.readouterr().out

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .config import RunConfig
 from .errors import ZprunerError
+from .results import RunResult
 
 # What a Ray worker must see as the driver does: the hub's offline switches (a cluster
 # without internet would otherwise retry the hub for minutes), the data folder and the
@@ -30,7 +31,7 @@ class Outcome:
     """What became of one configuration: its results, or why it has none."""
 
     config: RunConfig
-    result: dict | None = None
+    result: RunResult | None = None
     error: str | None = None  # set when the run failed
     seconds: float = 0.0
     skipped: bool = False  # another sweep on the same results file finished it meanwhile
@@ -80,7 +81,7 @@ class SweepWorker:
         transformers.utils.logging.disable_progress_bar()
         self.workspace = None
 
-    def run(self, config: RunConfig) -> tuple[dict, float]:
+    def run(self, config: RunConfig) -> tuple[RunResult, float]:
         from .runner import Workspace, run
 
         if self.workspace is None or (self.workspace.model_config, self.workspace.data_dir) != (

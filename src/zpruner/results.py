@@ -27,11 +27,52 @@ HINT = "pass the .jsonl written by 'zpruner sweep' or .json files written by 'zp
 
 
 @dataclass
+class Measurement:
+    """What measuring one model gave: its perplexity on ``dataset`` (the protocol entry:
+    value, windows, seqlen, predicted_tokens, data_sha256_16) and its zero-shot accuracies
+    (``zpruner.zeroshot.run_tasks``). A part is None when it was not measured."""
+
+    perplexity: dict[str, Any] | None = None
+    dataset: str | None = None
+    zero_shot: dict[str, Any] | None = None
+    # the results file's "perplexity" object ({dataset: value}) as read, written back as it was
+    stored: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ppl(self) -> float | None:
+        return (self.perplexity or {}).get("value")
+
+    def json(self, prefix: str) -> dict[str, Any]:
+        """The results file's keys of this measurement (``prefix`` 'dense_' before pruning)."""
+        out: dict[str, Any] = {}
+        if self.perplexity is not None or self.stored is not None:
+            out[prefix + "perplexity"] = self.stored if self.stored is not None else {self.dataset: self.ppl}
+            out[prefix + "perplexity_protocol"] = self.perplexity
+        if self.zero_shot is not None:
+            out[prefix + "zero_shot"] = self.zero_shot
+        return out
+
+    @classmethod
+    def read(cls, d: dict[str, Any], prefix: str) -> Measurement | None:
+        parts = [d.get(prefix + k) for k in ("perplexity", "perplexity_protocol", "zero_shot")]
+        if all(part is None for part in parts):
+            return None
+        stored, protocol, zero_shot = parts
+        dataset = next(iter(stored)) if isinstance(stored, dict) and stored else None
+        return cls(protocol, dataset, zero_shot, stored)
+
+
+_MEASURED_KEYS = {prefix + k for prefix in ("", "dense_") for k in ("perplexity", "perplexity_protocol", "zero_shot")}
+
+
+@dataclass
 class RunResult:
-    """One run's results. ``config`` is ``RunConfig.to_dict()`` as stored (its
-    ``schema_version`` is the file's); the ``dense_`` fields measure the model before
-    pruning (``--dense-baseline``); ``run_key``, ``protocol`` and ``adopted_from`` are the
-    sweep's line fields. A field is None when the result does not have it.
+    """One run's results, as ``runner.run`` returns them and results files hold them.
+    ``config`` is ``RunConfig.to_dict()`` as stored (its ``schema_version`` is the file's);
+    ``dense`` measures the model before pruning (``--dense-baseline``), ``measured`` the
+    model after (or as it is, for ``zpruner eval``); ``run_key``, ``protocol`` and
+    ``adopted_from`` are the sweep's line fields. A field is None when the result does not
+    have it. Dicts only at the files' boundary: ``to_dict`` and ``from_dict``.
 
     ``from_dict(d).to_dict() == d``, key order included: keys that were absent stay absent,
     keys this class does not know are kept in ``extra`` and written back. Both share nested
@@ -40,18 +81,17 @@ class RunResult:
     config: dict[str, Any]
     versions: dict[str, str] | None = None
     calibration_sha256_16: str | None = None
-    dense_perplexity: dict[str, float | None] | None = None
-    dense_perplexity_protocol: dict[str, Any] | None = None
-    dense_zero_shot: dict[str, Any] | None = None
+    dense: Measurement | None = None
     layer_time_s: dict[str, float] | None = None
     reallocated: dict[str, dict[str, float]] | None = None
     block_sparsity: list[float] | None = None  # an allocation's target per decoder block (not uniform)
-    perplexity: dict[str, float | None] | None = None
-    perplexity_protocol: dict[str, Any] | None = None
-    zero_shot: dict[str, Any] | None = None
+    measured: Measurement | None = None
     sparsity: dict[str, Any] | None = None
     experts: dict[str, Any] | None = None  # per MoE experts module: routed tokens, fallbacks, removed experts
     timings_s: dict[str, float] | None = None
+    offload: str | None = None  # where the weights lived (zpruner.offload)
+    peak_rss_bytes: int | None = None  # the process's own high-water mark
+    native_kernels: list[str] | None = None  # the compiled CPU kernels that ran (zpruner.kernels.native)
     non_finite: list[str] | None = None
     run_key: str | None = None
     protocol: str | None = None
@@ -63,15 +103,22 @@ class RunResult:
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
             raise ZprunerError("not a zpruner result (no 'config' object)")
-        result = cls(**{k: v for k, v in d.items() if k in _FIELDS},
-                     extra={k: v for k, v in d.items() if k not in _FIELDS})
+        plain = {k: v for k, v in d.items() if k in _FIELDS}
+        result = cls(**plain, dense=Measurement.read(d, "dense_"), measured=Measurement.read(d, ""),
+                     extra={k: v for k, v in d.items() if k not in _FIELDS and k not in _MEASURED_KEYS})
         result._order = tuple(d)
         return result
 
     def to_dict(self) -> dict[str, Any]:
         """The keys read by ``from_dict`` in their order (None where they held null), then
-        any other field that is set, then ``extra``."""
-        values = {name: getattr(self, name) for name in _FIELDS}
+        every other part that is set in the fields' order, then ``extra``."""
+        values: dict[str, Any] = {}
+        for name in _ALL_FIELDS:
+            if name == "dense" or name == "measured":
+                part = getattr(self, name)
+                values.update(part.json("dense_" if name == "dense" else "") if part is not None else {})
+            else:
+                values[name] = getattr(self, name)
         out: dict[str, Any] = {}
         for key in self._order:
             if key in values:
@@ -120,17 +167,28 @@ class RunResult:
     def zero_shot_limit(self) -> int | None:
         return (self.config.get("zero_shot") or {}).get("limit")
 
-    def ppl_protocol(self, prefix: str = "") -> dict[str, Any] | None:
-        """The perplexity measurement (value, windows, seqlen, data digest); ``prefix``
-        'dense_' for the model before pruning."""
-        return self.dense_perplexity_protocol if _dense(prefix) else self.perplexity_protocol
+    def measurement(self, dense: bool = False) -> Measurement | None:
+        return self.dense if dense else self.measured
 
-    def ppl(self, prefix: str = "") -> float | None:
-        return (self.ppl_protocol(prefix) or {}).get("value")
+    def ppl_protocol(self, dense: bool = False) -> dict[str, Any] | None:
+        """The perplexity measurement (value, windows, seqlen, data digest) of the model after
+        pruning, or with ``dense`` before it."""
+        return (self.measurement(dense) or Measurement()).perplexity
 
-    def eval_key(self, prefix: str = "") -> tuple | None:
+    def ppl(self, dense: bool = False) -> float | None:
+        return (self.measurement(dense) or Measurement()).ppl
+
+    @property
+    def zero_shot(self) -> dict[str, Any] | None:
+        return (self.measured or Measurement()).zero_shot
+
+    @property
+    def dense_zero_shot(self) -> dict[str, Any] | None:
+        return (self.dense or Measurement()).zero_shot
+
+    def eval_key(self, dense: bool = False) -> tuple | None:
         """(dataset, windows, seqlen, data digest): perplexities are comparable when these match."""
-        protocol = self.ppl_protocol(prefix)
+        protocol = self.ppl_protocol(dense)
         if not protocol:
             return None
         dataset = (self.config.get("eval") or {}).get("dataset", "wikitext2")
@@ -144,13 +202,8 @@ class RunResult:
         return {**head, **self.to_dict()}
 
 
-_FIELDS = tuple(f.name for f in fields(RunResult) if f.name not in ("extra", "_order"))
-
-
-def _dense(prefix: str) -> bool:
-    if prefix not in ("", "dense_"):
-        raise ValueError(f"prefix must be '' or 'dense_', got {prefix!r}")
-    return prefix == "dense_"
+_ALL_FIELDS = tuple(f.name for f in fields(RunResult) if f.name not in ("extra", "_order"))
+_FIELDS = tuple(name for name in _ALL_FIELDS if name not in ("dense", "measured"))  # a file's keys as they are
 
 
 def replace_non_finite(results: dict) -> list[str]:

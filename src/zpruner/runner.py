@@ -15,18 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .checkpoint import WorkDir, checkpoint_options, default_work_dir, sparsity_of
-from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
+from .config import RunConfig
 from .data import resolve_data_dir, token_digest
 from .errors import ZprunerError
 from .evaluate import perplexity
-from .io import (check_free_space, check_model_target, check_output_file, check_output_folder, is_results_file,
-                 same_file_system, write_json_atomic)
-from .layers import check_pattern, find_blocks, measure_sparsity
+from .io import check_free_space, write_json_atomic
+from .kernels import native
+from .layers import find_blocks, measure_sparsity
 from .models import save_dtype
-from .results import replace_non_finite, run_key
+from .preflight import _check_model, check_eval_length, check_output_paths, eval_seqlen, space_needed
+from .pruning import PruneReport
+from .results import Measurement, RunResult, replace_non_finite, run_key
 from .saving import save_model, save_streamed
 from .workspace import Workspace
 from .zeroshot import run_tasks
@@ -58,115 +59,11 @@ class Timer(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
-def check_output_paths(config: RunConfig) -> None:
-    """Refuse before any work when an output could not be written at the end, or one output
-    would land in another (which replaces or removes it whole)."""
-    outputs = {}
-    if config.output_json is not None:
-        outputs["--output-json"] = check_output_file("--output-json", config.output_json, own=is_results_file)
-    if config.save is not None:
-        outputs["--save"] = check_model_target(config.save, config.overwrite)
-    if config.work_dir is not None:
-        outputs["--work-dir"] = check_output_folder("--work-dir", config.work_dir)
-    _check_apart(outputs)
-
-
-# (inner, outer): why ``inner`` cannot be ``outer`` or inside it
-_APART = {
-    ("--output-json", "--save"): "the saved model takes that folder's place whole",
-    ("--work-dir", "--save"): "the saved model takes that folder's place whole",
-    ("--save", "--work-dir"): "the work folder is removed when the run ends",
-    ("--output-json", "--work-dir"): "the work folder is removed when the run ends",
-}
-
-
-def _check_apart(outputs: dict[str, Path]) -> None:
-    for (inner, outer), why in _APART.items():
-        if inner in outputs and outer in outputs and outputs[inner].is_relative_to(outputs[outer]):
-            where = "is" if outputs[inner] == outputs[outer] else "is inside"
-            raise ZprunerError(f"{inner} {outputs[inner]} {where} {outer} {outputs[outer]}: {why}; "
-                               f"give {inner} a place of its own, beside it")
-
-
-# An estimate's margin (safetensors headers, the index, state files), and beside a saved
-# model's weights its config, tokenizer (tens of MB for some vocabularies) and manifest
-SPACE_MARGIN, SPACE_RESERVE_BYTES = 1.05, 32 << 20
-
-
-def space_needed(config: RunConfig, model: nn.Module, compute: torch.dtype, stored: torch.dtype,
-                 work: Path | None) -> list[tuple[str, Path, int]]:
-    """What the run will write to disk, (what, where, bytes), estimated from the number of
-    weights: ``--save`` in the ``stored`` dtype; for a streamed run (``work``) the block shards
-    (in ``stored`` when pruning only masks, see WorkDir) and the activations entering a block
-    (two blocks' worth at a step; less what a resumed run's work folder holds already);
-    ``--activations disk`` files."""
-    if config.prune is None:
-        return []
-
-    def size(numel: int, dtype: torch.dtype) -> int:
-        return numel * torch.empty((), dtype=dtype).element_size()
-
-    everything = sum(p.numel() for p in model.parameters())
-    inside = sum(p.numel() for p in find_blocks(model).parameters())
-    shards = compute if config.prune.changes_kept_weights else stored
-    hidden = getattr(model.config, "hidden_size", 0) or 0
-    activations = size(config.prune.nsamples * config.prune.seqlen * hidden, compute) \
-        if config.prune.needs_calibration else 0
-    spilled = activations if config.activations == "disk" else 0
-    needs = []
-    if work is not None:
-        done = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
-        needs.append((f"the work folder {work}", work,
-                      int(max(0, size(inside, shards) + 2 * activations + spilled - done) * SPACE_MARGIN)))
-    elif spilled:
-        needs.append(("the activations on disk", Path(tempfile.gettempdir()), int(spilled * SPACE_MARGIN)))
-    if config.save is not None:
-        target = Path(config.save).expanduser().resolve()
-        linked = work is not None and shards == stored and same_file_system(work, target.parent)
-        blocks = 0 if linked else size(inside, stored)  # hard links to the work folder's shards take no space
-        weights = size(everything - inside, stored) + blocks
-        needs.append((f"--save {target}", target.parent, int(weights * SPACE_MARGIN) + SPACE_RESERVE_BYTES))
-    return needs
-
-
-def check_context(model: nn.Module, seqlen: int, option: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise ZprunerError(f"{option} {seqlen} exceeds the model's context of {limit} tokens; lower {option}")
-
-
-def eval_seqlen(model: nn.Module, config: EvalConfig) -> int:
-    """The asked window, else the model's context capped at 2048 (the papers' setting)."""
-    if config.seqlen is not None:
-        return config.seqlen
-    return min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
-
-
-def _perplexity_entry(model, tokens: torch.Tensor, config: EvalConfig, progress: bool, blocks) -> dict:
-    result = perplexity(model, tokens, eval_seqlen(model, config), config.windows, config.batch_size, progress,
-                        blocks)
-    return {"value": result.value, "windows": result.windows, "seqlen": result.seqlen, "predicted_tokens": result.tokens}
-
-
-def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool) -> None:
-    if config.zero_shot is not None and streamed:
-        raise ZprunerError(STREAMED_ZERO_SHOT)
-    if config.zero_shot is not None and tokenizer.eos_token_id is None:
-        raise ZprunerError(f"the tokenizer of '{config.model.name}' has no end-of-sequence token, which lm-eval "
-                           "needs for zero-shot tasks; set eos_token in its tokenizer_config.json or drop --tasks")
-    find_blocks(model)  # results count sparsity over the blocks, pruned or not
-    if config.prune is not None:
-        check_pattern(model, config.prune.parsed_pattern)
-        check_context(model, config.prune.seqlen, "--seqlen")
-    if config.eval is not None:
-        check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
-
-
-def warn_partial(sparsity: dict, pruned: bool) -> None:
+def warn_partial(sparsity: dict) -> None:
     """One line when the pruned matrices are less than 90 % of the blocks' weights: what was
     left alone, so that no one reads a sparsity over part of the model as the model's."""
     share = sparsity.get("pruned_share", 1.0)
-    if not pruned or share >= 0.9:
+    if share >= 0.9:
         return
     reasons: dict[str, int] = {}
     for why in sparsity["left_alone"].values():
@@ -176,14 +73,7 @@ def warn_partial(sparsity: dict, pruned: bool) -> None:
                 "left alone: %s", 100 * share, 100 * sparsity["all_block_weights"], left)
 
 
-def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:
-    """Before pruning: the evaluation text must hold one window."""
-    if tokens.shape[1] < seqlen:
-        raise ZprunerError(f"evaluation text '{dataset}' has {tokens.shape[1]} tokens, fewer than one window of "
-                           f"{seqlen}; lower --eval-seqlen or give a longer --eval-dataset")
-
-
-def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = None) -> dict:
+def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = None) -> RunResult:
     """Run ``config`` (prune when ``config.prune`` is set, else evaluate as is); returns the results.
 
     Every input is checked (options, model, calibration text, zero-shot task data) before
@@ -201,92 +91,141 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
         workspace = Workspace(config.model, config.data_dir, offload_mode=config.offload)
     elif (workspace.model_config, workspace.data_dir) != (config.model, config.data_dir):
         raise ZprunerError("this run's model or data directory differs from its workspace's")
-    timer = Timer()
-    results: dict = {"config": config.to_dict(), "versions": versions()}
-    with timer.phase("zero_shot"):
-        zero_shot_tasks = workspace.zero_shot_tasks(config.zero_shot)
-    with timer.phase("load"):
-        model, tokenizer = workspace.dense_model()
-    _check_model(model, tokenizer, config, workspace.streamed)
-    stored = save_dtype(config.save_dtype, workspace.own_dtype)
-    streamed = config.prune is not None and workspace.streamed
-    if config.resume and not streamed:
-        raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
-                           "keeps checkpoints")
-    work_path = None
-    if streamed:
-        work_path = (Path(config.work_dir).expanduser() if config.work_dir else
-                     default_work_dir(config.save, config.output_json, config.model.name))
-    check_free_space(space_needed(config, model, workspace.dtype, stored, work_path))
-    work = None
-    if streamed:
-        work = WorkDir(work_path, run_key(config), checkpoint_options(config), config.resume, len(find_blocks(model)),
-                       config.prune.needs_calibration, stored)
-    calibration = None
-    if config.prune is not None:
-        with timer.phase("calibration"):
-            calibration = workspace.calibration(config.prune)
-        if calibration is not None:
-            results["calibration_sha256_16"] = token_digest(calibration)
-    tokens = None
-    if config.eval is not None:
-        with timer.phase("eval"):
-            tokens, digest = workspace.eval_tokens(config.eval.dataset)
-        check_eval_length(tokens, eval_seqlen(model, config.eval), config.eval.dataset)
+    native.reset_used()
+    return _Run(config, workspace, progress).run()
 
-    def measure(prefix: str) -> None:
-        """Every requested measurement of the model as it is now, under keys starting with ``prefix``."""
-        if tokens is not None:
+
+class _Run:
+    """One run's steps, in order: prepare (load and check everything), measure the dense
+    model if asked, prune, measure, count, write."""
+
+    def __init__(self, config: RunConfig, workspace: Workspace, progress: bool):
+        self.config, self.workspace, self.progress = config, workspace, progress
+        self.timer = Timer()
+        self.result = RunResult(config.to_dict(), versions())
+        self.work: WorkDir | None = None
+
+    def run(self) -> RunResult:
+        config, result = self.config, self.result
+        calibration = self.prepare()
+        if config.prune is None or config.dense_baseline:
+            measured = self.measure()
+            if config.prune is None:
+                result.measured = measured
+            else:
+                result.dense = measured
+        report = None
+        if config.prune is not None:
+            report = self.prune(calibration)
+            result.measured = self.measure()
+        self.count(report)
+        result.timings_s = {k: self.timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
+        result.offload = self.workspace.mode
+        # the process's own high-water mark (Linux reports KiB): what this run needed, measured not estimated
+        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result.native_kernels = native.used()
+        return self.write()
+
+    def prepare(self):
+        """The model, the checks that need it, the work folder, the calibration windows and
+        the evaluation tokens; returns the calibration token ids (None for a data-free method)."""
+        config, workspace, timer = self.config, self.workspace, self.timer
+        with timer.phase("zero_shot"):
+            self.tasks = workspace.zero_shot_tasks(config.zero_shot)
+        with timer.phase("load"):
+            self.model, self.tokenizer = workspace.dense_model()
+        _check_model(self.model, self.tokenizer, config, workspace.streamed)
+        self.stored = save_dtype(config.save_dtype, workspace.own_dtype)
+        streamed = config.prune is not None and workspace.streamed
+        if config.resume and not streamed:
+            raise ZprunerError(f"--resume: this run is not streamed (offload {workspace.mode}); only --offload disk "
+                               "keeps checkpoints")
+        work_path = None
+        if streamed:
+            work_path = (Path(config.work_dir).expanduser() if config.work_dir else
+                         default_work_dir(config.save, config.output_json, config.model.name))
+        check_free_space(space_needed(config, self.model, workspace.dtype, self.stored, work_path))
+        if streamed:
+            self.work = WorkDir(work_path, run_key(config), checkpoint_options(config), config.resume,
+                                len(find_blocks(self.model)), config.prune.needs_calibration, self.stored)
+        calibration = None
+        if config.prune is not None:
+            with timer.phase("calibration"):
+                calibration = workspace.calibration(config.prune)
+            if calibration is not None:
+                self.result.calibration_sha256_16 = token_digest(calibration)
+        self.tokens = None
+        if config.eval is not None:
             with timer.phase("eval"):
-                entry = {**_perplexity_entry(model, tokens, config.eval, progress, workspace.blocks),
-                         "data_sha256_16": digest}
-            results[prefix + "perplexity"] = {config.eval.dataset: entry["value"]}
-            results[prefix + "perplexity_protocol"] = entry
-        if zero_shot_tasks is not None:
-            zs = config.zero_shot
-            with timer.phase("zero_shot"):
-                results[prefix + "zero_shot"] = run_tasks(model, tokenizer, zero_shot_tasks, zs.limit,
-                                                          zs.batch_size, progress)
+                self.tokens, self.digest = workspace.eval_tokens(config.eval.dataset)
+            check_eval_length(self.tokens, eval_seqlen(self.model, config.eval), config.eval.dataset)
+        return calibration
 
-    if config.prune is None or config.dense_baseline:
-        measure("" if config.prune is None else "dense_")
-    report = None
-    if config.prune is not None:
-        with timer.phase("pruning"):
+    def measure(self) -> Measurement:
+        """Every requested measurement of the model as it is now."""
+        config, measured = self.config, Measurement()
+        if self.tokens is not None:
+            with self.timer.phase("eval"):
+                value = perplexity(self.model, self.tokens, eval_seqlen(self.model, config.eval), config.eval.windows,
+                                   config.eval.batch_size, self.progress, self.workspace.blocks)
+            measured.perplexity = {"value": value.value, "windows": value.windows, "seqlen": value.seqlen,
+                                   "predicted_tokens": value.tokens, "data_sha256_16": self.digest}
+            measured.dataset = config.eval.dataset
+        if self.tasks is not None:
+            zs = config.zero_shot
+            with self.timer.phase("zero_shot"):
+                measured.zero_shot = run_tasks(self.model, self.tokenizer, self.tasks, zs.limit, zs.batch_size,
+                                               self.progress)
+        return measured
+
+    def prune(self, calibration) -> PruneReport:
+        config, result = self.config, self.result
+        with self.timer.phase("pruning"):
             spill = None
             if config.activations == "disk":
-                spill = str(work.path / "state") if work is not None else tempfile.gettempdir()
-            report = workspace.prune(config.prune, calibration, progress, work, spill)
-        results["layer_time_s"] = report.layer_time_s
+                spill = str(self.work.path / "state") if self.work is not None else tempfile.gettempdir()
+            report = self.workspace.prune(config.prune, calibration, self.progress, self.work, spill)
+        result.layer_time_s = report.layer_time_s
         if config.prune.reallocate:
-            results["reallocated"] = report.reallocated
+            result.reallocated = report.reallocated
         if report.block_sparsity:
-            results["block_sparsity"] = report.block_sparsity
-        measure("")
-    if workspace.streamed:  # counted as each block was pruned, or read (zpruner eval)
-        results["sparsity"] = sparsity_of(*((report.sparsity, report.counts) if report else workspace.blocks.counted()))
-    else:
-        results["sparsity"] = measure_sparsity(model)
-    if report is not None and report.experts:
-        results["experts"] = report.experts
-        removed = sum(entry.get("removed_weights", 0) for entry in report.experts.values())
-        if removed:  # of the blocks' weights before experts were removed: zeros and removed experts together
-            s = results["sparsity"]
-            total = s["all_block_weights_total"] + removed
-            s["removed_with_experts"] = (s["all_block_weights"] * s["all_block_weights_total"] + removed) / total
-    warn_partial(results["sparsity"], config.prune is not None)
-    results["timings_s"] = {k: timer.get(k, 0.0) for k in ("load", "calibration", "pruning", "eval", "zero_shot")}
-    results["offload"] = workspace.mode
-    # the process's own high-water mark (Linux reports KiB): what this run needed, measured not estimated
-    results["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    replace_non_finite(results)
-    manifest = {"config": results["config"], "versions": results["versions"]}
-    if config.save is not None and work is not None:
-        save_streamed(config.save, model, tokenizer, work, workspace.blocks, manifest, config.overwrite, stored)
-    elif config.save is not None:
-        save_model(config.save, model, tokenizer, manifest, config.overwrite, stored)
-    if config.output_json is not None:
-        write_json_atomic(config.output_json, results)
-    if work is not None:
-        work.remove()
-    return results
+            result.block_sparsity = report.block_sparsity
+        return report
+
+    def count(self, report: PruneReport | None) -> None:
+        """Sparsity counted from the weights: as each block was pruned (or read) when
+        streamed, else from the model in memory; with experts removed, the share of the
+        blocks' original weights gone."""
+        result = self.result
+        if self.workspace.streamed:
+            result.sparsity = sparsity_of(*((report.sparsity, report.counts) if report
+                                            else self.workspace.blocks.counted()))
+        else:
+            result.sparsity = measure_sparsity(self.model)
+        if report is not None and report.experts:
+            result.experts = report.experts
+            removed = sum(entry.get("removed_weights", 0) for entry in report.experts.values())
+            if removed:  # zeros and removed experts together, of the blocks' weights before
+                s = result.sparsity
+                total = s["all_block_weights_total"] + removed
+                s["removed_with_experts"] = (s["all_block_weights"] * s["all_block_weights_total"] + removed) / total
+        if report is not None:
+            warn_partial(result.sparsity)
+
+    def write(self) -> RunResult:
+        """The saved model and the results file, each swapped in when complete; the results
+        as written (a non-finite number is null there, and listed under ``non_finite``)."""
+        config = self.config
+        payload = self.result.to_dict()
+        replace_non_finite(payload)
+        manifest = {"config": payload["config"], "versions": payload["versions"]}
+        if config.save is not None and self.work is not None:
+            save_streamed(config.save, self.model, self.tokenizer, self.work, self.workspace.blocks, manifest,
+                          config.overwrite, self.stored)
+        elif config.save is not None:
+            save_model(config.save, self.model, self.tokenizer, manifest, config.overwrite, self.stored)
+        if config.output_json is not None:
+            write_json_atomic(config.output_json, payload)
+        if self.work is not None:
+            self.work.remove()
+        return RunResult.from_dict(payload)

@@ -4,8 +4,7 @@ from __future__ import annotations
 from .results import RunResult
 
 
-def format_summary(results: RunResult | dict) -> str:
-    result = results if isinstance(results, RunResult) else RunResult.from_dict(results)
+def format_summary(result: RunResult) -> str:
     p = result.prune
     lines = [f"model       {result.model_name}"]
     if p:
@@ -15,8 +14,8 @@ def format_summary(results: RunResult | dict) -> str:
             b = result.block_sparsity
             lines.append(f"allocation  {p.get('allocation')}: block sparsity {100 * min(b):.1f} % to {100 * max(b):.1f} %")
     lines += _sparsity_lines(result)
-    for prefix, label in (("dense_", "dense"), ("", "pruned" if p else "model")):
-        proto = result.ppl_protocol(prefix)
+    for dense, label in ((True, "dense"), (False, "pruned" if p else "model")):
+        proto = result.ppl_protocol(dense)
         if proto:
             value = "not finite" if proto["value"] is None else f"{proto['value']:10.3f}"
             lines.append(f"perplexity  {label:<7}{value:>10}   ({proto['windows']} windows x {proto['seqlen']} tokens)")

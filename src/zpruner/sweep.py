@@ -291,7 +291,7 @@ def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bo
                 summary.failed.append(f"{describe(config)}: {outcome.error}")
                 line = f"[{i}/{len(todo)}] {key} {describe(config)}: failed: {outcome.error}"
             else:
-                result = RunResult.from_dict(outcome.result)
+                result = outcome.result
                 append_line(path, result.sweep_line(key, config.protocol))
                 summary.ran.append(describe(config))
                 ppl = result.ppl()

@@ -155,9 +155,9 @@ def _dense_pools(results: list[RunResult]) -> tuple[dict, dict, dict]:
             if zs_key(result, result.zero_shot):
                 zs[model, zs_key(result, result.zero_shot)].append((i, result.zero_shot))
             continue
-        dense_ppl = result.ppl("dense_")
+        dense_ppl = result.ppl(dense=True)
         if dense_ppl is not None:
-            baseline_ppl[model, result.eval_key("dense_")].setdefault(round(dense_ppl, 9), (i, dense_ppl))
+            baseline_ppl[model, result.eval_key(dense=True)].setdefault(round(dense_ppl, 9), (i, dense_ppl))
         dense_zs = result.dense_zero_shot
         if zs_key(result, dense_zs):
             baseline_zs[model, zs_key(result, dense_zs)].setdefault(json.dumps(dense_zs, sort_keys=True),
