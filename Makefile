@@ -21,6 +21,7 @@ demo: $(STAMP)
 		--nsamples 64 --seqlen 512 --eval-seqlen 512 --eval-windows 64 --dense-baseline
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest
 
 clean:

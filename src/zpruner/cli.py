@@ -6,22 +6,28 @@ import logging
 import signal
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, positive_float, positive_int, seed,
                        window)
 from .config import RunConfig, options
 from .errors import ZprunerError
+from .executors import RayExecutor
 from .io import check_output_file, check_output_folder, describe_os_error
 from .options import Option
 from .protocols import DEFAULTS
 from .registry import Constant, constants
+from .report import write_report
+from .results import run_key
+from .runner import run
 from .summary import format_summary
-
+from .sweep import AXES, Grid, adopt, plan, read_done, read_grid, run_sweep
+from .sweep import describe as describe_run
 
 # An option's kind -> how its flag's text is read (the value's range and choices are then the
 # configuration's checks, the same for the CLI, the API and grids)
 _PARSERS = {"text": str, "path": str, "pattern": str, "tasks": str, "choice": str, "int": positive_int, "seed": seed,
-            "window": window, "float": finite, "fraction": finite, "sparsity": finite}
+            "window": window, "fraction": finite, "sparsity": finite}
 _CONSTANT_PARSERS = {"int": positive_int, "float": finite, "range": clamp_range}
 
 
@@ -143,14 +149,10 @@ def executor_from_args(args: argparse.Namespace):
             raise ZprunerError(", ".join("--" + name.replace("_", "-") for name in given)
                                + ": options of --executor ray; add --executor ray or drop them")
         return None
-    from .executors import RayExecutor
-
     return RayExecutor(args.ray_address, args.cpus_per_run or 1, args.gpus_per_run)
 
 
 def grid_from_args(args: argparse.Namespace):
-    from .sweep import AXES, Grid, read_grid
-
     grids = read_grid(args.grid) if args.grid else [Grid()]
     overrides = {name: getattr(args, name) for name in AXES}
     overrides.update({o.name: getattr(args, o.name) for o in options() if "sweep" in o.commands})
@@ -159,12 +161,6 @@ def grid_from_args(args: argparse.Namespace):
 
 
 def sweep_main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .results import run_key
-    from .sweep import adopt, plan, read_done, run_sweep
-    from .sweep import describe as describe_run
-
     check_output_file("--results", args.results)
     planned = plan(grid_from_args(args), args.data_dir)  # a bad grid stops here, before anything is written
     executor = executor_from_args(args)  # so does --executor ray without Ray
@@ -188,10 +184,6 @@ def sweep_main(args: argparse.Namespace) -> int:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .report import write_report
-
     out = args.out if args.out is not None else Path(args.results[0]).expanduser().parent
     check_output_folder("--out", out)
     for path in write_report(args.results, out, args.title, args.overwrite):
@@ -247,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
                 return sweep_main(args)
             if args.command == "report":
                 return report_main(args)
-            from .runner import run  # torch-heavy: after argument errors have had their chance
-
             results = run(config_from_args(args), progress=not args.quiet)
     except ZprunerError as exc:
         print(f"zpruner {args.command}: error: {exc}", file=sys.stderr)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from .config import RunConfig
 from .errors import ZprunerError
 from .results import RunResult
+from .runner import run
+from .workspace import Workspace
 
 # What a Ray worker must see as the driver does: the hub's offline switches (a cluster
 # without internet would otherwise retry the hub for minutes), the data folder and the
@@ -44,8 +46,6 @@ class LocalExecutor:
 
     def map(self, configs: list[RunConfig], progress: bool,
             still_todo: Callable[[RunConfig], bool]) -> Iterator[Outcome]:
-        from .runner import Workspace, run  # torch-heavy
-
         workspace = None
         for config in configs:
             if not still_todo(config):
@@ -82,8 +82,6 @@ class SweepWorker:
         self.workspace = None
 
     def run(self, config: RunConfig) -> tuple[RunResult, float]:
-        from .runner import Workspace, run
-
         if self.workspace is None or (self.workspace.model_config, self.workspace.data_dir) != (
                 config.model, config.data_dir):
             self.workspace = Workspace(config.model, config.data_dir, keep_dense=True)
@@ -168,56 +166,69 @@ class RayExecutor:
 
     def _dispatch(self, pending: list[RunConfig], gpus: float,
                   still_todo: Callable[[RunConfig], bool]) -> Iterator[Outcome]:
-        ray = self.ray
-        new_worker = self._worker_factory(gpus)
         # One slot per worker: [actor or None until needed, model of its last run]. A free
         # worker takes the next run on the model it holds, else the first one left, so each
         # worker loads few models.
-        slots = [[None, None] for _ in range(self._pool_size(gpus, len(pending)))]
-        running: dict = {}  # ObjectRef -> (slot index, config)
-        deaths: dict[int, int] = {}  # id(config) -> workers that died running it
+        self._slots = [[None, None] for _ in range(self._pool_size(gpus, len(pending)))]
+        self._running: dict = {}  # ObjectRef -> (slot index, config)
+        self._deaths: dict[int, int] = {}  # id(config) -> workers that died running it
+        new_worker = self._worker_factory(gpus)
         try:
-            while pending or running:
-                busy = {index for index, _ in running.values()}
-                for index, slot in enumerate(slots):
-                    if index in busy or not pending:
-                        continue
-                    pick = next((c for c in pending if c.model == slot[1]), pending[0])
-                    pending.remove(pick)
-                    if not still_todo(pick):
-                        yield Outcome(pick, skipped=True)
-                        continue
-                    if slot[0] is None:
-                        slot[0] = new_worker()
-                    slot[1] = pick.model
-                    running[slot[0].run.remote(pick)] = (index, pick)
-                if not running:
-                    continue
-                [ref], _ = ray.wait(list(running), num_returns=1)
-                index, config = running.pop(ref)
-                try:
-                    result, seconds = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the run raised: report it; the worker is fine
-                    cause = exc.cause
-                    yield Outcome(config, error=str(cause) if isinstance(cause, ZprunerError)
-                                  else f"{type(cause).__name__}: {cause}")
-                    continue
-                except ray.exceptions.RayActorError as exc:  # the worker died (OOM killer, lost node, crash)
-                    if getattr(exc, "actor_init_failed", False):  # it never started: so will none on that node
-                        detail = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
-                        raise ZprunerError(f"a Ray worker could not start ({detail}); every node needs zpruner "
-                                           f"{importlib.metadata.version('zpruner')} installed in the environment Ray runs") from None
-                    ray.kill(slots[index][0])
-                    slots[index] = [None, None]  # a new one when there is work for it
-                    deaths[id(config)] = deaths.get(id(config), 0) + 1
-                    if deaths[id(config)] < 2:
-                        pending.insert(0, config)
-                    else:
-                        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-                        yield Outcome(config, error=f"its Ray worker died twice ({reason})")
-                    continue
-                yield Outcome(config, result, seconds=seconds)
+            while pending or self._running:
+                yield from self._start_runs(pending, still_todo, new_worker)
+                if self._running:
+                    yield from self._collect(pending)
         finally:  # free the cluster's resources now, also when the sweep is interrupted
-            for actor, _ in slots:
+            for actor, _ in self._slots:
                 if actor is not None:
-                    ray.kill(actor)
+                    self.ray.kill(actor)
+
+    def _start_runs(self, pending: list[RunConfig], still_todo, new_worker) -> Iterator[Outcome]:
+        """A run for every free worker, as long as runs are left (those another sweep
+        finished meanwhile are skipped)."""
+        busy = {index for index, _ in self._running.values()}
+        for index, slot in enumerate(self._slots):
+            if index in busy or not pending:
+                continue
+            pick = next((c for c in pending if c.model == slot[1]), pending[0])
+            pending.remove(pick)
+            if not still_todo(pick):
+                yield Outcome(pick, skipped=True)
+                continue
+            if slot[0] is None:
+                slot[0] = new_worker()
+            slot[1] = pick.model
+            self._running[slot[0].run.remote(pick)] = (index, pick)
+
+    def _collect(self, pending: list[RunConfig]) -> Iterator[Outcome]:
+        """The next run to finish: its results, its error, or (its worker died) once more."""
+        ray = self.ray
+        [ref], _ = ray.wait(list(self._running), num_returns=1)
+        index, config = self._running.pop(ref)
+        try:
+            result, seconds = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the run raised: report it; the worker is fine
+            cause = exc.cause
+            yield Outcome(config, error=str(cause) if isinstance(cause, ZprunerError)
+                          else f"{type(cause).__name__}: {cause}")
+            return
+        except ray.exceptions.RayActorError as exc:  # the worker died (OOM killer, lost node, crash)
+            yield from self._lost_worker(exc, index, config, pending)
+            return
+        yield Outcome(config, result, seconds=seconds)
+
+    def _lost_worker(self, exc, index: int, config: RunConfig, pending: list[RunConfig]) -> Iterator[Outcome]:
+        """A worker died running ``config``: a new one takes it once more; a second death is
+        its failure. A worker that never started stops the sweep: so would every other."""
+        if getattr(exc, "actor_init_failed", False):
+            detail = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+            raise ZprunerError(f"a Ray worker could not start ({detail}); every node needs zpruner "
+                               f"{importlib.metadata.version('zpruner')} installed in the environment Ray runs") from None
+        self.ray.kill(self._slots[index][0])
+        self._slots[index] = [None, None]  # a new one when there is work for it
+        self._deaths[id(config)] = self._deaths.get(id(config), 0) + 1
+        if self._deaths[id(config)] < 2:
+            pending.insert(0, config)
+        else:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            yield Outcome(config, error=f"its Ray worker died twice ({reason})")

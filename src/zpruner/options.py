@@ -18,8 +18,10 @@ from typing import Any
 
 from .checks import check_bool, check_fraction, check_int, check_str, label
 from .errors import ZprunerError
+from .patterns import Pattern, check_sparsity
+from .tasks import parse_tasks
 
-KINDS = ("text", "path", "int", "seed", "window", "float", "fraction", "flag", "choice", "sparsity", "pattern", "tasks")
+KINDS = ("text", "path", "int", "seed", "window", "fraction", "flag", "choice", "sparsity", "pattern", "tasks")
 # keyed: True, False, "changed" (only when it differs from its default: the option is newer than
 # results files keyed without it) or the name of a boolean property of the configuration that
 # says whether the option decides its results (e.g. calibration settings of a data-free method).
@@ -58,42 +60,7 @@ class Option:
 
     def check(self, value: Any) -> Any:
         """``value`` checked (None, not given, always passes), as the configuration stores it."""
-        if value is None:
-            return None
-        if self.kind == "path":  # empty or misplaced paths: the runner's checks say what the path is
-            if not isinstance(value, str):
-                raise ZprunerError(f"{label(self.name)} must be a path, got {value!r}")
-        elif self.kind in ("text", "pattern"):
-            check_str(self.name, value)
-            if self.kind == "pattern":
-                from .patterns import Pattern
-
-                Pattern.parse(value)
-        elif self.kind in ("int", "seed", "window"):
-            minimum = {"seed": 0, "window": 2}.get(self.kind, 1 if self.minimum is None else self.minimum)
-            check_int(self.name, value, minimum=minimum)
-        elif self.kind == "flag":
-            check_bool(self.name, value)
-        elif self.kind == "fraction":
-            check_fraction(self.name, value)
-            value = float(value)
-        elif self.kind == "sparsity":
-            from .patterns import check_sparsity
-
-            check_sparsity(value)
-            value = float(value)
-        elif self.kind == "choice":
-            names = self.choice_names()
-            if not isinstance(value, str) or value not in names:
-                raise ZprunerError(f"{self.name.replace('_', ' ')} {value!r} is unknown; choose one of "
-                                   f"{', '.join(names)}")
-        elif self.kind == "tasks":
-            from .tasks import parse_tasks
-
-            if not isinstance(value, (str, list, tuple)):
-                raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {value!r}")
-            parse_tasks(value)
-        return value
+        return None if value is None else _CHECKS[self.kind](self, value)
 
     def is_keyed(self, config: Any) -> bool:
         """Whether this option's value in ``config`` enters the run key."""
@@ -102,6 +69,64 @@ class Option:
         if self.keyed == "changed":
             return getattr(config, self.field) != self.default
         return bool(getattr(config, self.keyed))
+
+
+def _path(opt: Option, value):
+    # an empty or misplaced path: the runner's checks say what the path is, before any work
+    if not isinstance(value, str):
+        raise ZprunerError(f"{label(opt.name)} must be a path, got {value!r}")
+    return value
+
+
+def _text(opt: Option, value):
+    check_str(opt.name, value)
+    return value
+
+
+def _pattern(opt: Option, value):
+    check_str(opt.name, value)
+    Pattern.parse(value)
+    return value
+
+
+def _integer(opt: Option, value):
+    minimum = {"seed": 0, "window": 2}.get(opt.kind, 1 if opt.minimum is None else opt.minimum)
+    check_int(opt.name, value, minimum=minimum)
+    return value
+
+
+def _flag(opt: Option, value):
+    check_bool(opt.name, value)
+    return value
+
+
+def _fraction(opt: Option, value):
+    check_fraction(opt.name, value)
+    return float(value)
+
+
+def _sparsity(opt: Option, value):
+    check_sparsity(value)
+    return float(value)
+
+
+def _choice(opt: Option, value):
+    names = opt.choice_names()
+    if not isinstance(value, str) or value not in names:
+        raise ZprunerError(f"{opt.name.replace('_', ' ')} {value!r} is unknown; choose one of {', '.join(names)}")
+    return value
+
+
+def _tasks(opt: Option, value):
+    if not isinstance(value, (str, list, tuple)):
+        raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {value!r}")
+    parse_tasks(value)
+    return value
+
+
+# kind -> check(option, value) -> the value as stored
+_CHECKS = {"path": _path, "text": _text, "pattern": _pattern, "int": _integer, "seed": _integer, "window": _integer,
+           "flag": _flag, "fraction": _fraction, "sparsity": _sparsity, "choice": _choice, "tasks": _tasks}
 
 
 def option(default: Any, help: str, kind: str, **spec) -> Any:

@@ -16,20 +16,24 @@ import itertools
 import logging
 import os
 import stat
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 import yaml
+from tqdm.auto import tqdm
 
 from .checks import check_bool
 from .config import RunConfig, check_option, options
-from .options import Option
 from .errors import ZprunerError
+from .executors import LocalExecutor
 from .io import check_output_file, dumps_json, refuse_special, write_failure
-from .masks import Pattern
+from .patterns import Pattern
+from .progress import bar as progress_bar
+from .options import Option
 from .registry import constants
 from .results import RunResult, config_key, json_lines, read_result, replace_non_finite, run_key, skipped_line
 
@@ -266,11 +270,6 @@ def run_sweep(configs: list[RunConfig], results: str | os.PathLike, progress: bo
     fails is reported and the sweep goes on; it writes nothing, so the next sweep tries it
     again. Lines are written here, in this process, whatever ran them.
     """
-    from tqdm.auto import tqdm
-
-    from .executors import LocalExecutor
-    from .progress import bar as progress_bar
-
     path = check_output_file("--results", results)
     done = read_done(path)
     todo = sorted((c for c in configs if run_key(c) not in done), key=lambda c: c.model.name)  # dense first per model

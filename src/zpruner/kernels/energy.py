@@ -50,27 +50,50 @@ def energy_compensate_(
     for axis in axes:
         if axis not in ("col", "row"):
             raise ZprunerError(f"EC axis '{axis}' is unknown; choose 'col' or 'row'")
-    lo, hi = clamp
-    W0 = W0.float()
-    fresh = W is None  # W still to be made: W0·keep, chunk by chunk in the first writing pass
-    if fresh:
-        W = torch.empty_like(W0)
-    pending = None  # a column step's (μ, γ) whose rescale is still to be applied
+    passes = _Passes(W0.float(), W, keep, clamp)
+    for axis in axes:
+        if passes.pending is not None and axis == "col":
+            passes.run(passes.column_rescale, 1)
+        if axis == "col":
+            passes.pending = passes.column_step()
+        else:
+            passes.run(passes.row_step, 2)
+    if passes.pending is not None or passes.fresh:  # a last column rescale, or no axes: just the masked copy
+        passes.run(passes.column_rescale, 1)
+    return passes.W
 
-    def masked(rows: slice, kept: torch.Tensor) -> torch.Tensor:
+
+class _Passes:
+    """The state between EC's passes: W (made from W0 by the first pass that writes it, while
+    ``fresh``) and a column step's (μ, γ) whose rescale is still ``pending``."""
+
+    def __init__(self, W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, clamp: tuple[float, float]):
+        self.W0, self.keep, self.clamp = W0, keep, clamp
+        self.fresh = W is None  # W still to be made: W0·keep, chunk by chunk in the first writing pass
+        self.W = torch.empty_like(W0) if W is None else W
+        self.pending = None
+
+    def run(self, rows_pass, buffers: int) -> None:
+        """A pass over W's chunks of rows; after it, W is made and no rescale is pending."""
+        map_chunks(rows_pass, self.W, buffers)
+        self.pending, self.fresh = None, False
+
+    def masked(self, rows: slice, kept: torch.Tensor) -> torch.Tensor:
         """W's rows: made from W0 in this pass if W is still fresh."""
-        return torch.mul(W0[rows], kept, out=W[rows]) if fresh else W[rows]
+        return torch.mul(self.W0[rows], kept, out=self.W[rows]) if self.fresh else self.W[rows]
 
+    @staticmethod
     def rescale(block: torch.Tensor, kept: torch.Tensor, mu: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """(μ + γ·(W − μ))·keep in place on block (same bits as the out-of-place form)."""
         return block.sub_(mu).mul_(gamma).add_(mu).mul_(kept)
 
-    def current(rows: slice, kept: torch.Tensor) -> torch.Tensor:
+    def current(self, rows: slice, kept: torch.Tensor) -> torch.Tensor:
         """W's rows after the steps so far: the pending column rescale applied here."""
-        block = masked(rows, kept)
-        return block if pending is None else rescale(block, kept, *pending)
+        block = self.masked(rows, kept)
+        return block if self.pending is None else self.rescale(block, kept, *self.pending)
 
-    def column_step() -> tuple[torch.Tensor, torch.Tensor]:
+    def column_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        W0, keep, fresh = self.W0, self.keep, self.fresh
         mu = W0.mean(dim=0, keepdim=True)
 
         def energies(rows: slice, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,36 +106,23 @@ def energy_compensate_(
                 # a dropped entry's square is +0 either way), so the squares of e0 serve,
                 # and W is made by the next pass that writes it
                 return e0, buf.mul_(kept).sum(dim=0, keepdim=True)
-            e = torch.sub(W[rows], mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
+            e = torch.sub(self.W[rows], mu, out=buf).mul_(kept).square_().sum(dim=0, keepdim=True)
             return e0, e
 
-        parts = map_chunks(energies, W, 2)
+        parts = map_chunks(energies, self.W, 2)
         e0, e = (sum_parts([part[i] for part in parts]).view(mu.shape) for i in (0, 1))
-        return mu, _gamma(e0, e).clamp(lo, hi)
+        return mu, _gamma(e0, e).clamp(*self.clamp)
 
-    def column_rescale(rows: slice, scratch: Scratch) -> None:
-        current(rows, mask_as_float(keep[rows], scratch.get(0, rows.stop - rows.start)))
+    def column_rescale(self, rows: slice, scratch: Scratch) -> None:
+        self.current(rows, mask_as_float(self.keep[rows], scratch.get(0, rows.stop - rows.start)))
 
-    def row_step(rows: slice, scratch: Scratch) -> None:
-        dense = W0[rows]
-        kept = mask_as_float(keep[rows], scratch.get(1, dense.shape[0]))
-        block = current(rows, kept)
+    def row_step(self, rows: slice, scratch: Scratch) -> None:
+        dense = self.W0[rows]
+        kept = mask_as_float(self.keep[rows], scratch.get(1, dense.shape[0]))
+        block = self.current(rows, kept)
         mu = dense.mean(dim=1, keepdim=True)
         buf = scratch.get(0, block.shape[0])
         e0 = torch.sub(dense, mu, out=buf).square_().sum(dim=1, keepdim=True)
         block.sub_(mu)  # the rescale's first step, done before E needs it: one op fewer
         e = torch.mul(block, kept, out=buf).square_().sum(dim=1, keepdim=True)
-        block.mul_(_gamma(e0, e).clamp(lo, hi)).add_(mu).mul_(kept)
-
-    for axis in axes:
-        if pending is not None and axis == "col":
-            map_chunks(column_rescale, W, 1)
-            pending, fresh = None, False
-        if axis == "col":
-            pending = column_step()
-        else:
-            map_chunks(row_step, W, 2)
-            pending, fresh = None, False
-    if pending is not None or fresh:  # a last column rescale, or no axes: just the masked copy
-        map_chunks(column_rescale, W, 1)
-    return W
+        block.mul_(_gamma(e0, e).clamp(*self.clamp)).add_(mu).mul_(kept)

@@ -173,6 +173,18 @@ def _calibration(result: RunResult, with_nsamples: bool = True) -> tuple:
     return prune.get("calibration"), prune.get("nsamples") if with_nsamples else None, prune.get("seqlen")
 
 
+def _join_data_free(indices: dict[tuple, list[int]], data_free: dict[tuple, list[int]], with_nsamples: bool) -> None:
+    """A data-free method (magnitude) is the same whatever the calibration, and a sweep runs
+    it once: it joins every protocol group of its model and evaluation. It shows no trend
+    over calibration sizes, so it stays out of those groups."""
+    for (model, eval_key), free in data_free.items():
+        targets = [k for k in indices if k[0] == model and k[2] == eval_key] if with_nsamples else []
+        for key in targets:
+            indices[key] = indices[key] + free
+        if not targets:
+            indices[model, None, eval_key] = free
+
+
 def _groups(results: list[RunResult], with_nsamples: bool) -> list[Group]:
     members, ppl, zs = _dense_pools(results)
     indices: dict[tuple, list[int]] = defaultdict(list)  # insertion order = first appearance
@@ -184,15 +196,7 @@ def _groups(results: list[RunResult], with_nsamples: bool) -> list[Group]:
             indices[result.model_name, _calibration(result, with_nsamples), result.eval_key()].append(i)
         else:
             data_free[result.model_name, result.eval_key()].append(i)
-    # A data-free method (magnitude) is the same whatever the calibration, and a sweep runs
-    # it once: it joins every protocol group of its model and evaluation. It shows no trend
-    # over calibration sizes, so it stays out of those groups.
-    for (model, eval_key), free in data_free.items():
-        targets = [k for k in indices if k[0] == model and k[2] == eval_key] if with_nsamples else []
-        for key in targets:
-            indices[key] = indices[key] + free
-        if not targets:
-            indices[model, None, eval_key] = free
+    _join_data_free(indices, data_free, with_nsamples)
     if with_nsamples:  # dense-only results with no pruned result of their protocol are reported alone
         for model, eval_key in members:
             if not any(k[0] == model and k[2] == eval_key for k in indices):
