@@ -4,7 +4,7 @@ paths: ``W.norm(dim=0)`` against ``columns.column_norm`` (Z-Pruner) and
 CPU, on the shapes of a LLaMA-2-13B block and a SmolLM2 MLP. Each time is the median of
 ``--repeats`` runs; every result is checked to be torch's bits.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/column_reductions.py --json benchmarks/column_reductions.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/column_reductions.py | tee benchmarks/out/column_reductions.txt
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""EC's row pass fused by ``torch.compile`` against zpruner's eager chunked pass: tried
-for issue 14 and not kept (benchmarks/README.md, "torch.compile").
+"""EC's row pass fused by ``torch.compile`` against zpruner's eager chunked pass: tried and
+not kept (benchmarks/README.md, "ec_fused.py").
 
 On one LLaMA-2-13B MLP-shaped layer (W0 ~ N(0, 1/in), a random 50 % mask), EC's row axis
 alone (the masked copy, the row statistics and the rescale in one pass over chunks of
@@ -8,7 +8,7 @@ zpruner runs) and compiled (one function per chunk, inductor, serial kernels, th
 writing a fresh output as EC does; the plain masked copy for reference. Also prints the
 first call's compile time. Medians of ``--repeats``, interleaved.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/ec_fused.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/ec_fused.py | tee benchmarks/out/ec_fused.txt
 """
 from __future__ import annotations
 

@@ -5,18 +5,19 @@ the model, draw the calibration windows (64 x 512 C4 tokens, seed 0), prune at 5
 unstructured, evaluate WikiText-2 perplexity (seqlen 512, first 64 windows), then time
 one plain forward pass of the model over the same calibration tokens, in the engine's
 batches, with and without the LM head. Pruning is reported as a multiple of that plain
-forward, against the targets of the issue: <= 1.7x for the score-based methods (with or
-without EC), <= 2.0x for SparseGPT. For a missed target, the pruning time is split into the
+forward, against the first targets set for it: <= 1.7x for the score-based methods (with
+or without EC), <= 2.0x for SparseGPT. For a missed target, the pruning time is split into the
 per-layer work (score, mask, update, solve) and the rest (block passes, statistics hooks).
 The table also gives pruning as a multiple of the two passes over the blocks that a
 calibrated method cannot avoid (under the statistics hooks, then to carry the pruned
-outputs on: twice the blocks-only forward), against the later targets of issue 14:
+outputs on: twice the blocks-only forward), against the later targets:
 <= 1.15x for the score-based methods, <= 1.5x for SparseGPT. ``--render FILE`` prints the
 report again from a ``--json`` file, without measuring.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/end_to_end.py --data-dir ../shared/data --json benchmarks/end_to_end.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/end_to_end.py --data-dir ../shared/data \
+        --methods wanda,cvr+ec,zpruner,sparsegpt,magnitude,ria --eval-windows 4 | tee benchmarks/out/end_to_end.txt
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/end_to_end.py --data-dir ../shared/data --nsamples 4 --eval-windows 2 --methods wanda
-    .venv/bin/python benchmarks/end_to_end.py --render benchmarks/end_to_end.json
+    .venv/bin/python benchmarks/end_to_end.py --render FILE   # FILE: an earlier run's --json FILE
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ d_in / 4 random tokens plus d_in on the diagonal, so building it peaks below wha
 factorisation needs, then the factorisation runs and the process's own high-water mark
 (getrusage) is compared with its resident memory just before.
 
-    .venv/bin/python benchmarks/factor_memory.py --d-in 4096,11008
+    .venv/bin/python benchmarks/factor_memory.py --d-in 4096,11008 | tee benchmarks/out/factor_memory.txt
 """
 from __future__ import annotations
 

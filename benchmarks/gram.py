@@ -6,7 +6,7 @@ data onto a non-zero sum, compared bit for bit), and the time of one batch (medi
 torch's threads, as in a statistics pass, where the hook runs after the block's own ops
 (the time of the linear alone is subtracted).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gram.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gram.py | tee benchmarks/out/gram.txt
 
 d: 576 and 1536 are SmolLM2-135M's inputs (attention and MLP up, down_proj), 4096 and
 11008 LLaMA-2-7B's. tokens: the engine's calibration batch, 8 x 512.
@@ -17,7 +17,7 @@ XᵀX by input width (``ActivationStats.add_gram``), with the panels used as the
 decides (``--min-panels`` overrides ``gram.MIN_PANELS``) or never:
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gram.py --pruning panels,whole,panels,whole \
-        --min-panels 3 --data-dir ../shared/data
+        --min-panels 3 --data-dir ../shared/data | tee -a benchmarks/out/gram.txt
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ environment. Each method is run once to warm up, then ``--repeats`` times; the t
 gives medians and the ratio to Wanda measured in the same run, next to the ratios the
 statistical-correction paper reports in its Table 3.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_runtime.py --json benchmarks/layer_runtime.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_runtime.py | tee benchmarks/out/layer_runtime.txt
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/layer_runtime.py --shapes 512x512,1384x512 --tokens 256 --repeats 1
 """
 from __future__ import annotations

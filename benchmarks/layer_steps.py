@@ -6,7 +6,8 @@ outlier channels, seed 0); each method runs the three steps of
 so that load on the machine falls on all of them; the first round warms up and the table
 gives medians of the rest.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_steps.py --shape 13824x5120
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_steps.py --shape 13824x5120 \
+        --methods wanda,cvr,cvr+ec,zpruner,ria,magnitude | tee benchmarks/out/layer_steps.txt
 """
 from __future__ import annotations
 

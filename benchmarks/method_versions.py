@@ -12,9 +12,9 @@ depend on them. "Same bits" compares the runs whose inputs (hashes of W and the
 activations) are the usual ones; runs given other inputs are left out of it and listed
 after the table, as is any run whose bits differ, with where the difference entered.
 
-    git archive 42a69a3 src | tar -x -C /tmp/before
+    git archive BEFORE src | tar -x -C /tmp/before    # BEFORE: the commit to compare with
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/method_versions.py --before /tmp/before/src \
-        --json benchmarks/method_versions.json
+        | tee benchmarks/out/method_versions.txt
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ the eager passes.) Also the time to build the kernel into an empty cache (the fi
 a machine).
 Medians of ``--repeats``, eager and compiled interleaved.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/native_kernels.py --json benchmarks/native_kernels.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/native_kernels.py | tee benchmarks/out/native_kernels.txt
 """
 from __future__ import annotations
 

@@ -12,10 +12,10 @@ Two sets:
 Usage (each set appends to --out, one JSON line per measurement, so an interrupted run
 keeps what it measured; --table prints the Markdown table of --out):
 
-    .venv/bin/python benchmarks/offload.py smollm2 --out benchmarks/offload.jsonl
+    .venv/bin/python benchmarks/offload.py smollm2 --out benchmarks/out/offload.jsonl
     .venv/bin/python benchmarks/synthetic_model.py llama-2-7b --out /work/synthetic/llama-2-7b
-    .venv/bin/python benchmarks/offload.py 7b --model /work/synthetic/llama-2-7b --out benchmarks/offload.jsonl
-    .venv/bin/python benchmarks/offload.py --table --out benchmarks/offload.jsonl
+    .venv/bin/python benchmarks/offload.py 7b --model /work/synthetic/llama-2-7b --out benchmarks/out/offload.jsonl
+    .venv/bin/python benchmarks/offload.py --table --out benchmarks/out/offload.jsonl
 """
 from __future__ import annotations
 

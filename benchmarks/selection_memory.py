@@ -6,7 +6,7 @@ MLP projection (13824 x 5120) of |N(0, 1/5120)| scores at 50 %, which ties at th
 like the float32 weights of ``layer_runtime.py`` (about three scores per float32 value
 around the median).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/selection_memory.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/selection_memory.py | tee benchmarks/out/selection_memory.txt
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ whose bits are checked equal) and the whole solve (column loop, lazy updates), o
 layer_runtime.py data (W ~ N(0, 1/in) with seed 1, 2048 activations with outlier channels,
 seed 0), 50 % adaptive mask; medians of ``--repeats``.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_factor.py --shape 5120x5120
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_factor.py --shape 5120x5120 | tee benchmarks/out/sparsegpt_factor.txt
 """
 from __future__ import annotations
 

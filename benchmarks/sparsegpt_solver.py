@@ -7,9 +7,9 @@ alternate the trees so that load coming and going on the machine falls on both. 
 accumulation not); the Hessian is the layer_runtime.py one (XᵀX of `--tokens` activations
 with outlier channels, summed with addmm_), the weights N(0, 1/in), seed 0.
 
-    git archive 3e53ac2 src | tar -x -C /tmp/before
+    git archive BEFORE src | tar -x -C /tmp/before    # BEFORE: the commit to compare with
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_solver.py --before /tmp/before/src \
-        --json benchmarks/sparsegpt_solver.json
+        --json benchmarks/out/sparsegpt_solver.json
 """
 from __future__ import annotations
 

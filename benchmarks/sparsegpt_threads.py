@@ -9,7 +9,7 @@ and the same weights (they need not: the factorisation rounds differently on mor
 threads, and the adaptive mask follows), and writes every timing to
 --json.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_threads.py --json /tmp/sgpt_threads.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sparsegpt_threads.py --json benchmarks/out/sparsegpt_threads.json
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """How many weights of SmolLM2 tie with the magnitude threshold of their layer (50 %, per layer).
 
-The threshold search in ``zpruner.masks`` hands a layer to top-k when the k-th lowest score
-is tied across the cut, because top-k's choice among tied weights is what the committed
-results used. This prints, per linear layer of the first ``--blocks`` blocks, the number
+The layer-wide selection (``zpruner.kernels.selection``) keeps top-k's choice among weights
+tied at the cut in a layer of fewer than ``TIES_BY_INDEX_MIN`` (2²²) scores, every SmolLM2
+layer, because that choice is what the committed results used; longer rows drop the tied
+weights in index order. This prints, per linear layer of the first ``--blocks`` blocks, the number
 of weights equal to the threshold and how many mask entries an index-order tie-break
 would change.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/threshold_ties.py --blocks 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/threshold_ties.py --blocks 2 | tee benchmarks/out/threshold_ties.txt
 """
 from __future__ import annotations
 

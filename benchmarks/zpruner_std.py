@@ -4,7 +4,7 @@ standardised matrices of Z-Pruner's score (W divided by its row norms, by its co
 for random LLaMA-2-13B-shaped layers W ~ N(0, 1/in). Every result is checked to be the
 sequential sum's bits.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zpruner_std.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zpruner_std.py | tee benchmarks/out/zpruner_std.txt
 """
 from __future__ import annotations
 
