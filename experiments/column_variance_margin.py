@@ -5,10 +5,9 @@ For LLaMA- and SmolLM2-shaped random layers (W ~ N(0, 1/in), some with a column 
 added), each column's variance from float64 Σx and Σx² (as ``columns.column_variance``
 sums them) is compared with ``W.var(dim=0, unbiased=False)``. Per margin m: how many
 columns m would send to torch (a boundary within m of the value), and how many of the
-others round to another float32 than torch's (a margin too small). Output of
-2026-12-02 in column_variance_margin.txt.
+others round to another float32 than torch's (a margin too small).
 
-    OMP_NUM_THREADS=2 .venv/bin/python experiments/column_variance_margin.py
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/column_variance_margin.py | tee experiments/out/column_variance_margin.txt
 """
 import math
 

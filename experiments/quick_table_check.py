@@ -3,11 +3,11 @@ and every cell compared with the earlier measurement (one results JSON per cell 
 experiments/quick_table/, written by the former experiments/quick_table.py).
 
 Read-only: it runs nothing. Cells are matched by run key (zpruner.sweep.run_key of each
-result's config). Acceptance (issue 10): magnitude, Wanda, RIA, Z-Pruner, CVR and dense
+result's config). Acceptance: magnitude, Wanda, RIA, Z-Pruner, CVR and dense
 equal to the printed digits (2 decimals); SparseGPT within 1 % (its float32 noise).
 Exit status 1 if a cell is missing or fails. Usage, from the repository root:
 
-    .venv/bin/python experiments/quick_table_check.py
+    .venv/bin/python experiments/quick_table_check.py | tee experiments/out/quick_table_check.txt
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def comparison(before: dict[str, dict], after: dict[str, dict]) -> tuple[list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=HERE / "quick_table.jsonl", help="the sweep's results")
+    parser.add_argument("--results", type=Path, default=HERE / "out" / "quick_table.jsonl", help="the sweep's results")
     parser.add_argument("--before", type=Path, default=HERE / "quick_table", help="folder of per-cell JSONs")
     args = parser.parse_args()
     after, before = load_jsonl(args.results), load_dir(args.before)

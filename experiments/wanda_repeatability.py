@@ -1,19 +1,23 @@
 """Does one Wanda prune of a fixed LLaMA-shaped layer give the same bits in every fresh
 process? And if not, at which step do two processes part?
 
-benchmarks/method_versions.py saw 3 of 12 Wanda child runs (stop 27) and 4 of 96 (stop 22)
-with another mask hash than the rest, the same other hash for both code versions. This
+benchmarks/method_versions.py saw a few of its Wanda child runs (3 of 12 in one run, 4 of 96
+in another) with another mask hash than the rest, the same other hash for both code versions. This
 runs the same child (same W, same activations, seed 0) ``--runs`` times, each a fresh
 Python, and hashes every step on the way: W, the activations, the statistics' Σx², the
 score, and the mask and W' of three pruned_weights calls in the process. A step whose
 hash differs between processes while the steps before it agree is where the difference
 enters. Output: the distinct hash tuples with their counts, and the log of every run.
-Runs of 2026-12-06 in wanda_repeatability.txt (200 processes, one tuple per shape) and
-wanda_repeatability_split.txt (``--split-inputs``: one process of 48 whose first
-torch.exp gave other values, so other activations; benchmarks/README.md).
+Its runs are in out/wanda_repeatability.txt (200 processes, one tuple per shape; then
+``--split-inputs``: one process of 48 whose first torch.exp gave other values, so other
+activations; experiments/README.md).
 
-    OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 200 \
-        --log experiments/wanda_repeatability.jsonl
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 150 \
+        | tee experiments/out/wanda_repeatability.txt
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 50 --shape 13824x5120 \
+        | tee -a experiments/out/wanda_repeatability.txt
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/wanda_repeatability.py --runs 48 --shape 13824x5120 \
+        --method wanda,zpruner,cvr,cvr+ec --split-inputs | tee -a experiments/out/wanda_repeatability.txt
 """
 from __future__ import annotations
 

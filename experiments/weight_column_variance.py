@@ -1,7 +1,7 @@
 """Smallest and median column variance Var_i W_ij over SmolLM2-135M's block linears: the
 scale CVR's eps is compared with (experiments/open_constants.md).
 
-    .venv/bin/python experiments/weight_column_variance.py
+    .venv/bin/python experiments/weight_column_variance.py | tee experiments/out/weight_column_variance.txt
 """
 import torch
 
