@@ -81,11 +81,46 @@ def test_the_readme_is_a_front_door():
     assert [line.split()[:2] for line in opening] == [["make", "demo"], ["make", "test"]]
 
 
+def user_docs() -> list[Path]:
+    """The pages a user reads: the README, docs/, the benchmarks' and experiments' READMEs and
+    the experiments' readings (experiments/*.md); not the outputs in */out/, which are records."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
+            *sorted((REPO / "experiments").glob("*.md"))]
+
+
 def test_no_timestamps_or_issue_numbers_in_user_docs():
-    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    assert REPO / "experiments" / "README.md" in user_docs()
+    for path in user_docs():
         hits = [line for line in path.read_text().splitlines()
-                if re.search(r"\bissue \d+|\b20\d\d-\d\d-\d\d\b|\b\d\d:\d\d UTC\b", line)]
-        assert not hits, f"{path.name}: {hits[:3]}"
+                if re.search(r"\bissue \d+|\b20\d\d-\d\d-\d\d\b|\b\d\d:\d\d UTC\b", line, re.IGNORECASE)]
+        assert not hits, f"{path.relative_to(REPO)}: {hits[:3]}"
+
+
+def test_relative_links_resolve():
+    for path in user_docs():
+        for link in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", link) or link.startswith("#"):
+                continue
+            assert (path.parent / link.split("#")[0]).exists(), f"{path.relative_to(REPO)}: broken link {link}"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "experiments"])
+def test_every_measurement_file_is_named_after_its_source_and_cited(folder):
+    """benchmarks/ and experiments/ hold scripts, grids, readings and folders their README cites;
+    every output is out/<script or grid>.<ext> (or out/<grid>_report/), and the README cites it."""
+    root = REPO / folder
+    readme = (root / "README.md").read_text()
+    sources = {p.stem for p in root.iterdir() if p.suffix in (".py", ".toml")}
+    for entry in sorted(p for p in root.iterdir() if not p.name.startswith((".", "__"))):
+        if entry.name in ("README.md", "out"):
+            continue
+        assert entry.suffix in (".py", ".toml", ".md") or entry.is_dir(), f"{folder}/{entry.name}: an output outside out/"
+        assert entry.name in readme, f"{folder}/README.md does not cite {entry.name}"
+    for output in sorted((root / "out").iterdir()):
+        name = output.name.split(".")[0]
+        assert name in sources or name.removesuffix("_report") in sources, \
+            f"{folder}/out/{output.name} is named after no script or grid of {folder}/"
+        assert f"out/{output.name}" in readme, f"{folder}/README.md does not cite out/{output.name}"
 
 
 def test_describing_a_run_imports_no_torch():
