@@ -105,15 +105,15 @@ def sparsegpt(
 
     Runs on torch's threads: on an idle 2-core CPU two threads were 1.5-1.7 times as fast
     as one from LLaMA-2-7B's layer shapes up, and 0.84-1.23 times on SmolLM2's small ones
-    (benchmarks/README.md, "SparseGPT's solver on torch's threads"); cap them with
+    (benchmarks/sparsegpt_threads.py, docs/benchmarks.md); cap them with
     OMP_NUM_THREADS on a machine shared with other jobs. The factorisation (LAPACK's
     Cholesky and inverse) rounds differently on one thread and on two, while the column
     loop and the lazy update's product keep their bits; the adaptive mask follows the
     rounding: SmolLM2's quick SparseGPT+EC 2:4 cell is 146.858 on one thread, the float of
     the code before issue 14 (whose solver ran on one), and 145.550 on two. The
     factorisation is not held to one thread for reproducible bits: that made the solve
-    of LLaMA-sized layers 1.2-1.3 times slower (benchmarks/README.md, "SparseGPT's bits
-    and the thread count"), and the same cell moves more from one CPU to another
+    of LLaMA-sized layers 1.2-1.3 times slower (benchmarks/README.md, "sparsegpt_threads.py"),
+    and the same cell moves more from one CPU to another
     (experiments/quick_table.md, "SparseGPT's own float noise").
     """
     return _solve(W.float().clone(), H.to(W.device), keep, sparsity, pattern, blocksize, damp, fused)
@@ -165,8 +165,8 @@ def _eager_block(W, U1, keep, i1, i2, group, group_keep) -> torch.Tensor:
     # The block is worked on transposed, [cols, out], so that a column of W and every
     # rank-1 update below run over contiguous memory: the same elementwise operations
     # as the reference on each weight, hence the same bits; with the in-place update
-    # below, the solve takes half the time at 5120 inputs (benchmarks/README.md,
-    # "SparseGPT's column loop").
+    # below, the solve takes half the time at 5120 inputs (benchmarks/sparsegpt_solver.py,
+    # benchmarks/out/sparsegpt_solver.json).
     W1 = W[:, i1:i2].t().contiguous()
     keep1 = keep[:, i1:i2].t().contiguous()
     err1 = torch.empty_like(W1)

@@ -25,12 +25,12 @@ import torch
 
 from .rowpass import map_threads
 
-# Measured on this machine (benchmarks/gram.py, output in benchmarks/gram.txt). Rows per
+# Measured on this machine (benchmarks/gram.py, output in benchmarks/out/gram.txt). Rows per
 # panel, at least: with MKL, panels of 64-128 rows round differently from the whole product
 # and panels of 192 or more round the same; fewer, larger panels save less. Panels, at
 # least: right after an op on torch's own threads, as in a statistics pass, three panels
 # (d = 576) took 0.94 times the whole product (1.05 times in a SmolLM2 SparseGPT run,
-# benchmarks/gram_pruning.txt), four 0.86, eight 0.67.
+# gram.py --pruning in the same output), four 0.86, eight 0.67.
 PANEL_ROWS = 192
 MIN_PANELS = 4
 
