@@ -294,3 +294,49 @@ def test_pooled_statistics_of_identical_experts_give_the_dense_masks():
     expected = torch.cat([mlp.gate_proj.weight != 0, mlp.up_proj.weight != 0])
     assert all(torch.equal(masks["pooled"][e], expected) for e in range(4))
     assert not all(torch.equal(masks["own"][e], expected) for e in range(4))
+
+
+class ListMoE(torch.nn.Module):
+    """A mixture of experts kept as a list of modules (older and remote code): a linear
+    router, 4 LLaMA MLPs, the top 2 of a softmax, each expert called on its own tokens."""
+
+    def __init__(self, config, experts: int = 4, top_k: int = 2):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        self.gate = torch.nn.Linear(config.hidden_size, experts, bias=False)
+        self.experts = torch.nn.ModuleList(LlamaMLP(config) for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.gate(flat).softmax(-1), self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("stats", ["own", "pooled"])
+def test_experts_kept_as_a_list_of_modules(stats):
+    """Found from the structure (a list beside a router), the router left alone, each
+    expert's layers pruned on its own tokens, or on every token of its block."""
+    model = build_tiny_model("llama", VOCAB)
+    torch.manual_seed(1)
+    for layer in find_blocks(model):
+        layer.mlp = ListMoE(model.config)
+    routers = [layer.mlp.gate.weight.clone() for layer in find_blocks(model)]
+    x = samples()
+    report = prune(model, PruneConfig(method="wanda", expert_stats=stats, nsamples=4, seqlen=32), x, progress=False)
+    for block, router in zip(find_blocks(model), routers):
+        assert [ex.name for ex in block_experts(block)] == ["mlp.experts"]
+        assert torch.equal(block.mlp.gate.weight, router)
+        assert "mlp.gate" not in find_matrices(block)
+    for name, matrix in iter_matrices(model):
+        assert ((matrix.weight == 0).sum(dim=1) == matrix.weight.shape[1] // 2).all(), name
+    for entry in report.experts.values():
+        assert sum(entry["tokens"]) == x.numel() * 2 and entry["stats"] == stats
+    with pytest.raises(Exception, match="list of modules"):
+        prune(model, PruneConfig(method="wanda", prune_experts=0.5, nsamples=4, seqlen=32), x, progress=False)

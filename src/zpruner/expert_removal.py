@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import EXPERT_SCORES
 from .errors import ZprunerError
-from .experts import Experts, router_tensors
+from .experts import Experts, find_experts, router_tensors
 
 
 @dataclass
@@ -57,6 +57,10 @@ def remove_experts(block: nn.Module, ex: Experts, keep: list[int]) -> int:
     if not ex.fused:
         raise ZprunerError(f"--prune-experts: the experts at {ex.name} are a list of modules; zpruner removes "
                            "experts stored as fused parameters only")
+    everyone = find_experts(block)
+    if sum(other.parent_name == ex.parent_name for other in everyone) > 1:
+        raise ZprunerError(f"--prune-experts: the MoE module at {ex.parent_name or 'the block'} holds several "
+                           "groups of experts (JetMoE's); zpruner removes experts from one group per module only")
     index = torch.tensor(keep, dtype=torch.long)
     before = ex.count
     size_before = _block_weights(block)

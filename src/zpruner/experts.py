@@ -119,12 +119,12 @@ def router_tensors(block: nn.Module, experts: list[Experts]) -> dict[str, str]:
     are left alone): every tensor outside the experts with a dimension equal to the number
     of experts, and a linear layer with one output (a shared expert's gate)."""
     found: dict[str, str] = {}
+    containers = {ex.name for ex in experts}
     for ex in experts:
-        inside = f"{ex.name}." if ex.name else ""
         prefix = f"{ex.parent_name}." if ex.parent_name else ""
         for name, module in ex.parent.named_modules():
             full = prefix + name if name else ex.parent_name
-            if full == ex.name or full.startswith(inside):
+            if any(full == c or full.startswith(c + ".") for c in containers):  # experts, not routers
                 continue
             for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 tensor_name = f"{full}.{pname}" if full else pname
