@@ -194,7 +194,7 @@ def test_the_estimate_is_the_weights_in_the_save_dtype(tiny_model_dir, tmp_path)
     from zpruner import RunConfig
     from zpruner.config import ModelConfig
     from zpruner.models import load_model
-    from zpruner.runner import SPACE_RESERVE_BYTES, space_needed
+    from zpruner.preflight import SPACE_RESERVE_BYTES, space_needed
 
     model, _ = load_model(ModelConfig(str(tiny_model_dir("llama")), device="cpu"))
     stored = (tiny_model_dir("llama") / "model.safetensors").stat().st_size

@@ -1,0 +1,88 @@
+"""The tables of docs/moe.md from the mixture-of-experts sweeps' results: WikiText-2
+perplexity of SmolLM2 upcycled into 4 experts (experiments/upcycle.py), its experts pruned on
+their own tokens against statistics pooled over all of a block's tokens, with the sparsity
+of every block weight counted from the weights; and the expert-removal criteria.
+
+    .venv/bin/python experiments/moe_table.py experiments/out/moe.jsonl experiments/out/moe_criteria.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def lines(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def ppl(result: dict) -> float | None:
+    return (result.get("perplexity_protocol") or {}).get("value")
+
+
+def prune_of(result: dict) -> dict:
+    return result["config"].get("prune") or {}
+
+
+def cell(result: dict | None) -> str:
+    if result is None:
+        return "not run"
+    sparsity = result["sparsity"]
+    return f"{ppl(result):.2f} ({100 * sparsity.get('all_block_weights', sparsity['overall']):.2f} %)"
+
+
+def pruning_table(results: list[dict]) -> str:
+    """Method x pattern, own against pooled statistics: perplexity (zeros of all block weights)."""
+    upcycled = [r for r in results if "moe" in r["config"]["model"]["name"]]
+    dense = next((r for r in upcycled if not r["config"].get("prune")), None)
+    rows = ["| method | pattern | own tokens | pooled tokens |", "|---|---|---:|---:|"]
+    for method in ("wanda", "sparsegpt", "admm"):
+        for pattern in ("unstructured", "2:4"):
+            found = {}
+            for r in upcycled:
+                p = prune_of(r)
+                if p.get("method") == method and p.get("pattern") == pattern:
+                    found[p.get("expert_stats", "own")] = r
+            label = "50 %" if pattern == "unstructured" else pattern
+            rows.append(f"| {method} | {label} | {cell(found.get('own'))} | {cell(found.get('pooled'))} |")
+    head = f"Dense upcycled model: {ppl(dense):.4f}\n\n" if dense else ""
+    return head + "\n".join(rows)
+
+
+def criteria_table(results: list[dict]) -> str:
+    """Removed experts x criterion: perplexity, and the share of the blocks' original weights gone."""
+    base = [r for r in results if r["config"]["model"]["name"].endswith("wanda50")]
+    dense = next((r for r in base if not r["config"].get("prune")), None)
+    rows = ["| experts removed | reap | frequency | random |", "|---|---:|---:|---:|"]
+    for fraction in (0.25, 0.5):
+        cells = []
+        for score in ("reap", "frequency", "random"):
+            r = next((r for r in base if prune_of(r).get("prune_experts") == fraction
+                      and prune_of(r).get("expert_score") == score), None)
+            cells.append("not run" if r is None else
+                          f"{ppl(r):.2f} ({100 * r['sparsity']['removed_with_experts']:.1f} % gone)")
+        rows.append(f"| {round(fraction * 4)} of 4 | " + " | ".join(cells) + " |")
+    check = next((r for r in results if not r["config"]["model"]["name"].endswith("wanda50")
+                  and prune_of(r).get("prune_experts") == 0.5), None)
+    lines_ = []
+    if check is not None:
+        lines_.append(f"Dense upcycled model with 2 of its 4 identical experts removed: {ppl(check):.4f}")
+    if dense is not None:
+        lines_.append(f"Its experts pruned to 50 % with Wanda on their own tokens, no expert removed: {ppl(dense):.2f} "
+                      f"({100 * dense['sparsity']['all_block_weights']:.2f} % of the block weights zero)")
+    return "\n\n".join(lines_ + ["\n".join(rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pruning", help="the results of experiments/moe.toml")
+    parser.add_argument("criteria", nargs="?", help="the results of experiments/moe_criteria.toml")
+    args = parser.parse_args()
+    print(pruning_table(lines(args.pruning)))
+    if args.criteria:
+        print()
+        print(criteria_table(lines(args.criteria)))
+
+
+if __name__ == "__main__":
+    main()
