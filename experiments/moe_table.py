@@ -32,21 +32,29 @@ def cell(result: dict | None) -> str:
 
 
 def pruning_table(results: list[dict]) -> str:
-    """Method x pattern, own against pooled statistics: perplexity (zeros of all block weights)."""
+    """Method x pattern: the upcycled model with own and pooled expert statistics, and SmolLM2
+    pruned the same way: perplexity (zeros of all block weights)."""
     upcycled = [r for r in results if "moe" in r["config"]["model"]["name"]]
-    dense = next((r for r in upcycled if not r["config"].get("prune")), None)
-    rows = ["| method | pattern | own tokens | pooled tokens |", "|---|---|---:|---:|"]
-    for method in ("wanda", "sparsegpt", "admm"):
+    smollm2 = [r for r in results if "moe" not in r["config"]["model"]["name"]]
+    rows = ["| method | pattern | upcycled, own tokens | upcycled, pooled tokens | SmolLM2 |", "|---|---|---:|---:|---:|"]
+    methods = dict.fromkeys(prune_of(r)["method"] for r in results if r["config"].get("prune"))
+    for method in methods:
         for pattern in ("unstructured", "2:4"):
             found = {}
             for r in upcycled:
                 p = prune_of(r)
                 if p.get("method") == method and p.get("pattern") == pattern:
                     found[p.get("expert_stats", "own")] = r
+            dense = next((r for r in smollm2 if prune_of(r).get("method") == method
+                          and prune_of(r).get("pattern") == pattern), None)
             label = "50 %" if pattern == "unstructured" else pattern
-            rows.append(f"| {method} | {label} | {cell(found.get('own'))} | {cell(found.get('pooled'))} |")
-    head = f"Dense upcycled model: {ppl(dense):.4f}\n\n" if dense else ""
-    return head + "\n".join(rows)
+            rows.append(f"| {method} | {label} | {cell(found.get('own'))} | {cell(found.get('pooled'))} | {cell(dense)} |")
+    head = []
+    for name, group in (("upcycled model", upcycled), ("SmolLM2", smollm2)):
+        dense = next((r for r in group if not r["config"].get("prune")), None)
+        if dense is not None:
+            head.append(f"Dense {name}: {ppl(dense):.6f}")
+    return "\n".join(head) + "\n\n" + "\n".join(rows)
 
 
 def criteria_table(results: list[dict]) -> str:

@@ -3,6 +3,8 @@ the run key and the report pick it up; plus the layering rules that keep it that
 import ast
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,14 @@ def test_no_import_cycle_no_late_import_no_long_module():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+def test_the_listing_order_does_not_depend_on_what_was_imported_first():
+    """Importing zpruner.admm before the first lookup registers ADMM first; the help texts,
+    errors and constants must still list the built-ins in one order."""
+    code = ("import sys, zpruner.{} as m, zpruner.registry as r; "
+            "print(r.method_names(), r.update_names(), list(r.constants()))")
+    outs = {subprocess.run([sys.executable, "-c", code.format(first)], capture_output=True, text=True,
+                           check=True).stdout for first in ("admm", "sparsegpt", "registry")}
+    assert len(outs) == 1
+    assert "'sparsegpt', 'admm']" in outs.pop()
