@@ -10,7 +10,7 @@
 from importlib.metadata import version as _version
 
 # The built-in methods register themselves, in the order help texts and reports list them.
-from . import scores, updates, sparsegpt, admm, allocation  # noqa: F401, I001
+from . import scores, updates, sparsegpt, admm, allocation, heldout  # noqa: F401, I001
 from .config import EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .data import calibration, calibration_windows, eval_tokens, load_texts
 from .errors import ZprunerError

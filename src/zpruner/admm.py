@@ -112,14 +112,14 @@ class ADMMSolverConstants(ADMMConstants):
     admm_steps: int = constant(15, "ADMM solver: iterations over which the mask's sparsity rises to the target")
 
 
-@UPDATES.register("admm", needs_hessian=True, constants=ADMMConstants)
+@UPDATES.register("admm", needs_hessian=True, constants=ADMMConstants, ridge="admm_damp")
 def solve_kept(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats, *, admm_iters: int,
                admm_rho: float, admm_damp: float) -> torch.Tensor:
     """Another method's mask, the kept weights solved by ADMM from the dense ones."""
     return admm(W0, stats.xtx, keep=keep, iters=admm_iters, rho=admm_rho, damp=admm_damp)[0]
 
 
-@SOLVERS.register("admm", needs_hessian=True, constants=ADMMSolverConstants)
+@SOLVERS.register("admm", needs_hessian=True, constants=ADMMSolverConstants, ridge="admm_damp")
 def solve(W0: torch.Tensor, stats, *, sparsity: float, pattern: Pattern, admm_iters: int, admm_rho: float,
           admm_damp: float, admm_steps: int):
     """Mask and weights together: gradual selection inside the ADMM iterations."""

@@ -10,7 +10,8 @@ from .config import DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, 
 from .errors import ZprunerError
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
-from .registry import ALLOCATIONS, UPDATES, Constant, constants, method_names
+from .recipes import RECIPES
+from .registry import ALLOCATIONS, SELECTIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
 
@@ -125,7 +126,7 @@ def _add_constant_option(group, constant: Constant) -> None:
     by_option: dict[str, list[str]] = {}
     for owner in constant.owners:
         kind, name = owner.split(" ", 1)
-        by_option.setdefault({"update": "--update", "allocation": "--allocation"}.get(kind, "--method"), []).append(name)
+        by_option.setdefault({"update": "--update", "allocation": "--allocation", "selection": "--select"}.get(kind, "--method"), []).append(name)
     owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
     group.add_argument("--" + constant.name.replace("_", "-"), type=_CONSTANT_PARSERS[constant.kind],
                        metavar="LO,HI" if constant.kind == "range" else None,
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(and zero-shot accuracy with --tasks) of the pruned model in memory.")
     _add_model_options(p)
     g = p.add_argument_group("pruning")
+    g.add_argument("--recipe", choices=list(RECIPES),
+                   help="zpruner's advice for the given --sparsity/--pattern: recommended = the ADMM solver with its "
+                        "ridge chosen per matrix on held-out calibration windows (--select heldout), plus OWL from 70 %% "
+                        "unstructured (experiments/reconstruction.md). It fills only the pruning options not given: "
+                        "explicit options win, and the results record both")
     g.add_argument("--method", metavar="{" + ",".join(method_names()) + "}",
                    help=f"importance score, or a solver that chooses its mask inside its reconstruction "
                         f"(sparsegpt). Default: {PruneConfig.method}")
@@ -151,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
                         "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
                         f"Default: {PruneConfig.allocation}")
+    g.add_argument("--select", choices=list(SELECTIONS),
+                   help="how strongly the reconstruction (a solver, --update sparsegpt or admm) is applied to each "
+                        "matrix: none (as configured), or heldout (chosen on calibration windows it was not fitted "
+                        f"on: the mask alone, ridges, shrinkage; zpruner.heldout). Default: {PruneConfig.select}")
     e = p.add_argument_group("mixture-of-experts models")
     e.add_argument("--prune-experts", type=_finite, metavar="F", help="remove the fraction F of the routed experts of "
                    "every MoE block before the kept ones are pruned. Default: 0")

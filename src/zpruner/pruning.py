@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import PruneConfig
+from .config import CALIB_BATCH_TOKENS, PruneConfig
 from .checkpoint import WorkDir
 from .engine import model_device, run_layerwise
 from .errors import ZprunerError
 from .expert_removal import ExpertTally, experts_to_keep, remove_experts, update_config
+from .heldout import Split, generated_text, split_batches
 from .experts import check_seen, observed
 from .layers import Matrix, block_counts, block_experts, block_prefix, check_pattern, find_matrices
 from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
 from .reallocation import best_permutation
+from .registry import SCORES, UPDATES
 from .stats import ActivationStats, Recorded, pooled, record_inputs
 from .weights import checkpoint_names
 
@@ -46,6 +48,8 @@ class PruneReport:
     # per block index (as text), counted as each block is checkpointed (a streamed run): zeros
     # and totals of the pruned matrices and of every block weight, and what was left alone
     counts: dict[str, dict] = field(default_factory=dict)
+    # --select: per matrix, what the selection chose (zpruner.heldout.select's record)
+    selection: dict[str, dict] = field(default_factory=dict)
 
 
 def pruned_weights(
@@ -67,13 +71,52 @@ def pruned_weights(
     return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
 
 
+def selected_weights(W0: torch.Tensor, split: Split, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(W', keep, record) for one dense layer W0: [out, in] under a selection (``--select``):
+    the configured reconstruction, its ridge scaled as the selection asks, fitted on one
+    part of the statistics or the other (zpruner.heldout); with ``heldout_wanda`` and a
+    solver, Wanda's per-row mask under the solver's own update as a second candidate family."""
+    W0 = W0.float()
+    method, recon = config.method_entry, config.reconstruction_entry
+    pattern = config.parsed_pattern
+
+    def scaled(factor: float) -> dict:
+        return {**config.constants, recon.ridge: config.constants[recon.ridge] * factor}
+
+    def masked_family(score, group: str, update):
+        # the score's mask from every calibration window: a mask is not fitted weights, and
+        # one mask for every candidate makes them differ in the reconstruction only
+        keep = keep_mask(score(W0, split.full, constants=config.constants), config.sparsity, pattern, group)
+
+        def reconstruct(stats: ActivationStats, factor: float):
+            return update(W0, None, keep, stats, constants=scaled(factor)), keep
+        return reconstruct
+
+    families = {}
+    if method.kind == "solver":
+        def solve(stats: ActivationStats, factor: float):
+            W, keep = method(W0, stats, sparsity=config.sparsity, pattern=pattern, constants=scaled(factor))
+            return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
+        families["configured"] = solve
+        if config.heldout_wanda and method.name in UPDATES:
+            wanda = SCORES["wanda"]
+            families["wanda"] = masked_family(wanda, wanda.default_group, UPDATES[method.name])
+    else:
+        families["configured"] = masked_family(method, config.group or method.default_group, config.update_entry)
+    return config.selection_entry(W0, split, families, constants=config.constants)
+
+
 @torch.no_grad()
-def prune_matrix(matrix: Matrix, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
-    """Prune and update one matrix in place; returns keep: [out, in]."""
+def prune_matrix(matrix: Matrix, stats: ActivationStats | Split | None, config: PruneConfig) -> tuple[torch.Tensor, dict | None]:
+    """Prune and update one matrix in place; returns (keep: [out, in], the selection's record or None)."""
     W = matrix.weight
-    new, keep = pruned_weights(W, stats, config)
+    record = None
+    if isinstance(stats, Split):
+        new, keep, record = selected_weights(W, stats, config)
+    else:
+        new, keep = pruned_weights(W, stats, config)
     W.copy_(new.to(W.dtype))
-    return keep
+    return keep, record
 
 
 def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
@@ -88,7 +131,12 @@ def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Ten
             producer.bias.copy_(producer.bias[perm])
 
 
-def permute_stats(stats: ActivationStats, perm: torch.Tensor) -> None:
+def permute_stats(stats: ActivationStats | Split, perm: torch.Tensor) -> None:
+    if isinstance(stats, Split):
+        for part in (stats.fit, stats.heldout):
+            permute_stats(part, perm)
+        stats.forget_full()
+        return
     stats.sum, stats.sumsq = stats.sum[perm], stats.sumsq[perm]
     if stats.xtx is not None:
         stats.xtx = stats.xtx[perm][:, perm]
@@ -151,7 +199,11 @@ def prune(
     dtype = next(model.parameters()).dtype
     first = _resume_report(model, blocks, checkpoint, report)
     report.block_sparsity = _allocation(model, calibration, config, progress, blocks, spill, checkpoint)
-    step = _BlockStep(model, config, report, prefix)
+    samples, parts = calibration, None
+    if config.selection_entry.needs_split and config.needs_calibration:
+        _require_tokens(calibration, f"--select {config.select}")
+        samples, parts = _heldout_batches(model, calibration, config, blocks)
+    step = _BlockStep(model, config, report, prefix, parts)
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
         if checkpoint is not None:  # a model in memory is counted at the end (measure_sparsity), not here
@@ -168,7 +220,7 @@ def prune(
         _require_tokens(calibration, f"method '{config.method}'")
         resume = (first, checkpoint.activations()) if 0 < first < len(blocks) else None
         if first < len(blocks):
-            run_layerwise(model, calibration, step.visit, progress, config.calib_batch_size, last_outputs=False,
+            run_layerwise(model, samples, step.visit, progress, config.calib_batch_size, last_outputs=False,
                           blocks=blocks, after=finished, resume=resume, spill=spill)
     report.total_s = time.perf_counter() - start
     return report
@@ -178,8 +230,11 @@ class _BlockStep:
     """What ``prune`` does to one block: remove whole experts (``--prune-experts``), record
     the statistics of its matrices (experts on their own tokens), prune them."""
 
-    def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str):
+    def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str,
+                 parts: tuple[list[int], list[int]] | None = None):
         self.model, self.config, self.report, self.prefix = model, config, report, prefix
+        # --select heldout: the batches the reconstructions are fitted on, and the held-out ones
+        self.parts = parts
 
     def visit(self, i: int, block: nn.Module, forward) -> None:
         config = self.config
@@ -187,10 +242,14 @@ class _BlockStep:
             self.remove_experts(i, block, forward)
         matrices = find_matrices(block)
         linear_only = all(m.expert is None for m in matrices.values())
-        with record_inputs(matrices, hessian=config.uses_hessian, pool_experts=config.expert_stats == "pooled") \
-                as stats:
-            # a pass that stops once every layer has its input, where no experts must run to the end
-            forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None)
+        recorded = []
+        for batches in self.parts or [None]:  # one pass, or one per part of a held-out split
+            with record_inputs(matrices, hessian=config.uses_hessian,
+                               pool_experts=config.expert_stats == "pooled") as stats:
+                # a pass that stops once every layer has its input, where no experts must run to the end
+                forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None, batches=batches)
+            recorded.append(stats)
+        stats = recorded[0] if len(recorded) == 1 else _split(*recorded, calibration=config.heldout_texts == 0)
         self.report_experts(i, block, matrices, stats)
         self.prune_block(i, block, matrices, stats, forward)
 
@@ -209,7 +268,9 @@ class _BlockStep:
                 gain = reallocate_inputs(matrix, matrices, matrix_stats, block_config, forward)
                 if gain is not None:
                     report.reallocated[full] = gain
-            prune_matrix(matrix, matrix_stats, block_config)
+            _, record = prune_matrix(matrix, matrix_stats, block_config)
+            if record is not None:
+                report.selection[full] = record
             report.layer_time_s[full] = time.perf_counter() - t
 
     def remove_experts(self, i: int, block: nn.Module, forward) -> None:
@@ -260,7 +321,7 @@ class _BlockStep:
             thin = [n for n in names if stats.tokens[n] < min_tokens(self.config, matrices[n])]
             if not thin:
                 continue
-            shared = pooled([stats[n] for n in names])
+            shared = _pooled([stats[n] for n in names])
             for name in thin:
                 m = matrices[name]
                 fallbacks = self.report.experts[f"{self.prefix}.{i}.{m.experts.name}"]["fallback"]
@@ -280,7 +341,53 @@ class _BlockStep:
         self.report.counts[str(i)] = counts
         return {"layer_time_s": {n: self.report.layer_time_s[n] for n in names if n in self.report.layer_time_s},
                 "reallocated": {n: self.report.reallocated[n] for n in names if n in self.report.reallocated},
+                "selection": {n: self.report.selection[n] for n in names if n in self.report.selection},
                 "sparsity": per_matrix, "experts": experts, "counts": {str(i): counts}}
+
+
+def _heldout_batches(model: nn.Module, calibration: torch.Tensor, config: PruneConfig,
+                     blocks: Blocks | None) -> tuple[list[torch.Tensor], tuple[list[int], list[int]]]:
+    """The batches the engine carries under a held-out selection, and which of them are
+    fitted and which held out: one calibration batch in every ``heldout_every``, or (with
+    ``heldout_texts``) every calibration batch fitted and text the dense model generates
+    itself held out, in batches of its own."""
+    batches = list(calibration.split(config.calib_batch_size))
+    if config.heldout_texts == 0:
+        return batches, split_batches(len(batches), config.heldout_every)
+    if blocks is not None and type(blocks) is not Blocks:
+        raise ZprunerError("--heldout-texts: generating held-out text needs the whole model in memory, and this "
+                           "run streams it (--offload); use --heldout-texts 0 to hold out calibration windows")
+    generated = generated_text(model, config.heldout_texts, config.heldout_length, config.seed, _start_token(model))
+    held = list(generated.split(max(1, CALIB_BATCH_TOKENS // config.heldout_length)))
+    n = len(batches)
+    return batches + held, (list(range(n)), list(range(n, n + len(held))))
+
+
+def _start_token(model: nn.Module) -> int:
+    """Where generated text starts: the model's beginning-of-sequence token, else its end."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(source, name, None)
+            token = token[0] if isinstance(token, (list, tuple)) and token else token
+            if isinstance(token, int):
+                return token
+    return 0
+
+
+def _split(fit: Recorded, heldout: Recorded, calibration: bool = True) -> Recorded:
+    """Per matrix, its statistics of the fit part and of the held-out part together."""
+    both = Recorded()
+    for name in fit:
+        both[name] = Split(fit[name], heldout[name], calibration)
+        both.tokens[name] = fit.tokens[name] + heldout.tokens[name]
+    return both
+
+
+def _pooled(accs: list) -> ActivationStats | Split:
+    """``stats.pooled``, part by part for held-out splits."""
+    if isinstance(accs[0], Split):
+        return Split(pooled([a.fit for a in accs]), pooled([a.heldout for a in accs]), accs[0].calibration)
+    return pooled(accs)
 
 
 def _first_matrix_of_each_expert(ex, matrices: dict[str, Matrix]) -> list[str]:

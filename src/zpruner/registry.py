@@ -25,7 +25,12 @@ Signatures by kind (W: [out, in] float32, keep: bool, True = kept):
   own mask inside a reconstruction;
 - update: ``fn(W0, W, keep, stats, **constants) -> W'``, where W0 is the dense layer and W
   the pruned one, or None for W0 masked by keep (the update may then build it cheaper);
-  every update returns exactly keep's zeros.
+  every update returns exactly keep's zeros;
+- selection: ``fn(W0, split, families, **constants) -> (W', keep, record)``
+  (``--select``): how strongly a reconstruction is applied to one matrix, decided on
+  data it was not fitted on (zpruner.heldout); ``families[name](stats, factor)`` is a
+  reconstruction with its mask ('configured': the configuration's own) fitted on
+  ``stats`` with its ridge constant (``ridge`` below) multiplied by ``factor``.
 Constants are passed under their field names, or under ``constant(keyword=...)``.
 """
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Any
 from .checks import check_float, check_int, check_pair
 from .errors import ZprunerError
 
-KINDS = ("score", "solver", "update", "allocation")
+KINDS = ("score", "solver", "update", "allocation", "selection")
 
 
 def constant(default, help: str, *, minimum: float | None = None, strict: bool = False,
@@ -96,6 +101,10 @@ class Method:
     needs_activations: bool = False  # reads the calibration inputs' statistics
     needs_hessian: bool = False  # reads XᵀX (implies activations); also: reconstructs the weights
     default_group: str | None = None  # scores: where unstructured masks compare ('row' or 'layer')
+    # reconstructions: the constant that pulls the solution toward the dense weights (a ridge,
+    # stronger when larger), which a selection (--select) may scale
+    ridge: str | None = None
+    needs_split: bool = False  # selections: reads calibration statistics in two parts (fit, held out)
 
     @property
     def constant_fields(self) -> tuple[dataclasses.Field, ...]:
@@ -118,7 +127,7 @@ class Registry(dict):
 
     def register(self, name: str, *, constants: type | None = None, **flags) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` under ``name``; ``flags`` are ``Method``'s
-        (needs_activations, needs_hessian, default_group)."""
+        (needs_activations, needs_hessian, default_group, ridge, needs_split)."""
         def wrap(fn: Callable) -> Callable:
             self.add(Method(self.kind, name, fn, constants, **flags))
             return fn
@@ -139,6 +148,8 @@ class Registry(dict):
                 _check_same_definition(f)
         if self.kind == "score" and method.default_group not in ("row", "layer"):
             raise ValueError(f"score '{method.name}' needs default_group 'row' or 'layer'")
+        if method.ridge is not None and method.ridge not in {f.name for f in method.constant_fields}:
+            raise ValueError(f"{self.kind} '{method.name}': ridge '{method.ridge}' is not one of its constants")
         self[method.name] = method
 
     def get_method(self, name: str) -> Method:
@@ -161,6 +172,8 @@ SOLVERS = Registry("solver", "--method")
 UPDATES = Registry("update", "--update")
 # How the target sparsity is shared out among the decoder blocks (zpruner.allocation)
 ALLOCATIONS = Registry("allocation", "--allocation")
+# How strongly a reconstruction is applied per matrix, from held-out calibration data (zpruner.heldout)
+SELECTIONS = Registry("selection", "--select")
 
 
 def _method_kinds() -> tuple[Registry, ...]:
@@ -168,7 +181,7 @@ def _method_kinds() -> tuple[Registry, ...]:
 
 
 def _registries() -> tuple[Registry, ...]:
-    return SCORES, SOLVERS, UPDATES, ALLOCATIONS
+    return SCORES, SOLVERS, UPDATES, ALLOCATIONS, SELECTIONS
 
 
 def method_names() -> list[str]:
@@ -190,6 +203,10 @@ def get_update(name: str) -> Method:
 
 def get_allocation(name: str) -> Method:
     return ALLOCATIONS.get_method(name)
+
+
+def get_selection(name: str) -> Method:
+    return SELECTIONS.get_method(name)
 
 
 def constants() -> dict[str, Constant]:

@@ -184,8 +184,9 @@ def run_key(config: RunConfig | dict) -> str:
     live. Takes a RunConfig or the ``config`` dict stored in a results file (older files
     lack newer fields: absent and None count the same)."""
     d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
-    for name in ("data_dir", "output_json", "save", "overwrite", "protocol", "schema_version", "dense_baseline",
-                 *EXECUTION_OPTIONS):
+    # a recipe's choices are in ``prune``: the same options with or without --recipe are one run
+    for name in ("data_dir", "output_json", "save", "overwrite", "protocol", "recipe", "schema_version",
+                 "dense_baseline", *EXECUTION_OPTIONS):
         d.pop(name, None)
     if d.get("prune") is not None:
         d["prune"] = PruneConfig.from_dict(d["prune"]).identity()

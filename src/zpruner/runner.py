@@ -200,6 +200,8 @@ def run(config: RunConfig, progress: bool = True, workspace: Workspace | None = 
             results["reallocated"] = report.reallocated
         if report.block_sparsity:
             results["block_sparsity"] = report.block_sparsity
+        if report.selection:
+            results["selection"] = report.selection
         measure("")
     if workspace.streamed:  # counted as each block was pruned, or read (zpruner eval)
         results["sparsity"] = sparsity_of(*((report.sparsity, report.counts) if report else workspace.blocks.counted()))

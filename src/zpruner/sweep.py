@@ -39,7 +39,8 @@ AXES = ("models", "methods", "updates", "patterns", "sparsities", "nsamples", "s
 # registered methods' constants (zpruner.registry.constants) are settings too.
 FIXED_SETTINGS = ("protocol", "seqlen", "calibration", "eval_dataset", "eval_seqlen", "eval_windows",
                   "eval_batch_size", "tasks", "limit", "batch_size", "dense", "dtype", "device", "group",
-                  "calib_batch_size", "reallocate", "allocation", "prune_experts", "expert_score", "expert_stats")
+                  "calib_batch_size", "reallocate", "allocation", "prune_experts", "expert_score", "expert_stats",
+                  "select")
 
 
 def settings() -> tuple[str, ...]:
@@ -253,7 +254,7 @@ def describe(config: RunConfig) -> str:
     if p is None:
         return f"{config.model.name} dense"
     what = (p.method + ("" if p.update == "none" else f"+{p.update}") + ("+realloc" if p.reallocate else "")
-            + ("" if p.allocation == "uniform" else f"+{p.allocation}"))
+            + ("" if p.allocation == "uniform" else f"+{p.allocation}") + ("" if p.select == "none" else f"+{p.select}"))
     pattern = p.pattern if p.parsed_pattern.is_nm else f"{100 * p.sparsity:g}%"
     return f"{config.model.name} {what} {pattern} n={p.nsamples}x{p.seqlen} seed={p.seed}"
 
