@@ -116,6 +116,16 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
 # A constant's kind -> how its flag's text is read
 _CONSTANT_PARSERS = {"int": _positive_int, "float": _finite, "range": _clamp_range}
 
@@ -128,7 +138,8 @@ def _add_constant_option(group, constant: Constant) -> None:
         kind, name = owner.split(" ", 1)
         by_option.setdefault({"update": "--update", "allocation": "--allocation", "selection": "--select"}.get(kind, "--method"), []).append(name)
     owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
-    group.add_argument("--" + constant.name.replace("_", "-"), type=_CONSTANT_PARSERS[constant.kind],
+    parse = _non_negative_int if constant.kind == "int" and constant.minimum == 0 else _CONSTANT_PARSERS[constant.kind]
+    group.add_argument("--" + constant.name.replace("_", "-"), type=parse,
                        metavar="LO,HI" if constant.kind == "range" else None,
                        help=f"{constant.help} (used by {owners}). Default: {default}")
 

@@ -154,7 +154,7 @@ class PruneConfig:
                 others = [name for name, u in UPDATES.items() if not u.needs_hessian]
                 choices = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
                 raise ZprunerError(f"method {self.method} already reconstructs; use --update {choices}")
-            if self.group is not None:
+            if self.group is not None and method.default_group is None:
                 raise ZprunerError(f"--group does not apply to method {self.method}: it chooses its mask in its solver")
         pattern = self.parsed_pattern
         if pattern.is_nm:

@@ -4,31 +4,32 @@ A reconstruction (``--update sparsegpt|admm``, or a solver that also chooses the
 ``--method sparsegpt|admm``) fits the kept weights to the calibration tokens,
 min tr((W − W0) H (W − W0)ᵀ) with H = XᵀX. Whether that fit carries over to other text is
 not guaranteed: on SmolLM2 calibrated on Python code and measured on WikiText-2, both
-reconstructions end worse than Wanda's mask alone (issue 34). So the strength of the
-reconstruction is decided per matrix on calibration windows it was not fitted on.
+reconstructions end worse than Wanda's mask alone (issue 34). So how much of it each matrix
+gets is decided on data it was not fitted on, per matrix, among candidates:
+- the mask alone, W0 ⊙ keep (a solver's own mask);
+- its reconstruction fitted with its ridge toward the dense weights (the method's registered
+  ``ridge``: SparseGPT's damp, ADMM's admm_damp) times each factor of a geometric grid
+  (``heldout_ridges``, ``heldout_steps``), each shrunk toward the mask alone by the α in
+  [0, 1] that minimises its held-out error (``heldout_shrink``, closed form);
+and takes the one of lowest held-out output error tr((W' − W0) H_heldout (W' − W0)ᵀ).
 
-The calibration batches are split: one in every ``heldout_every`` is held out, the others
-are fitted (``Split``: two statistics per matrix, recorded by the same statistics code,
-zpruner.stats.record_inputs, over each part). The candidates run from the mask alone to the
-full reconstruction:
-- the mask alone, W0 ⊙ keep;
-- the reconstruction fitted on the fit part with its ridge toward the dense weights
-  (SparseGPT's ``damp``, ADMM's ``admm_damp``: the method's registered ``ridge``) times
-  each factor of a geometric grid (``heldout_ridges``, ``heldout_steps``), each shrunk
-  toward the mask alone by the α in [0, 1] that minimises its held-out error (``shrink``);
-and the one with the lowest output error on the held-out part,
-tr((W' − W0) H_heldout (W' − W0)ᵀ), is taken, then fitted again on every window with the
-chosen ridge and α. What the held-out windows can tell: overfitting to the calibration
-sample (too few tokens for a layer's inputs), not a shift to other text, since they come
-from the same text; ``heldout_margin`` is the prior against such a shift (a stronger
-reconstruction must win on the held-out windows by that fraction), chosen on held-out
-text of another kind (experiments/reconstruction.md).
+Which data are held out decides what the selection can see:
+- calibration windows (``heldout_texts`` 0): one batch in every ``heldout_every``, each
+  matrix recording two statistics (the same statistics code, zpruner.stats.record_inputs,
+  over each part); the chosen candidate is then fitted again on every window
+  (``heldout_refit``). Such windows come from the calibration text, so they catch
+  overfitting to the calibration sample, not a shift to other text;
+- text the dense model generates itself (``heldout_texts`` sequences of
+  ``heldout_length`` tokens, sampled at temperature 1 from its beginning-of-sequence
+  token, seeded): the model's own distribution, which a narrow calibration text (code)
+  misses. It travels through the pruned blocks like the calibration windows, in batches of
+  its own, and is never fitted. It needs the whole model in memory (not ``--offload disk``).
+The measurements that chose these constants: experiments/reconstruction.md.
 
 Shapes: W0, W: [out, in] float32 (an expert's slice like any matrix), H: [in, in].
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,19 +135,14 @@ class Candidate:
     error: float  # held-out output error
 
 
-def choose(candidates: list[Candidate], margin: float) -> Candidate:
-    """The candidate of lowest held-out error, in the list's order (from the mask alone to
-    the weakest ridge): a later one replaces the best so far only when its error is below
-    (1 − margin) times the best's, so ties and near-ties go to the more conservative."""
-    best = candidates[0]
-    for c in candidates[1:]:
-        if c.error < (1.0 - margin) * best.error:
-            best = c
-    return best
+def choose(candidates: list[Candidate]) -> Candidate:
+    """The candidate of lowest held-out error; of equal ones the first in the list's order
+    (the mask alone before its reconstructions, the strongest ridge first)."""
+    return min(candidates, key=lambda c: c.error)
 
 
 def select(W0: torch.Tensor, split: Split, families: dict[str, Reconstruct], *, factors: list[float], shrink: bool,
-           margin: float, refit: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+           refit: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(W', keep, record) for one dense matrix W0: [out, in].
 
     ``families``: reconstructions by name, each with its own mask (the configured method's,
@@ -172,7 +168,7 @@ def select(W0: torch.Tensor, split: Split, families: dict[str, Reconstruct], *, 
             alpha = shrink_factor(W0, m, W, H) if shrink else 1.0
             results[family, f] = shrunk(m, W, alpha), k
             candidates.append(Candidate(family, f, alpha, output_error(W0, results[family, f][0], H)))
-    best = choose(candidates, margin)
+    best = choose(candidates)
     base = candidates[0].error if candidates[0].error > 0 else 1.0
     record = {"family": best.family, "factor": best.factor, "alpha": best.alpha,
               "errors": [[c.family, c.factor, c.alpha, c.error / base] for c in candidates]}
@@ -196,20 +192,17 @@ class HeldoutConstants:
     heldout_ridges: tuple[float, float] = constant(
         (1.0, 100.0), "--select heldout: the smallest and largest factor applied to the reconstruction's ridge "
         "(damp, admm_damp)", check=check_ridges)
-    heldout_steps: int = constant(3, "--select heldout: ridge factors tried, geometric from the largest to the "
-                                     "smallest")
+    heldout_steps: int = constant(1, "--select heldout: ridge factors tried, geometric from the largest to the "
+                                     "smallest (1: the smallest only)")
     heldout_shrink: int = constant(1, "--select heldout: 1 = each reconstruction also shrunk toward the mask "
                                       "alone by its best held-out factor in [0, 1]; 0 = not", minimum=0)
-    heldout_margin: float = constant(0.0, "--select heldout: a stronger reconstruction must lower the held-out "
-                                          "error by this fraction to be chosen", minimum=0.0)
     heldout_refit: int = constant(1, "--select heldout: 1 = the chosen reconstruction fitted again on every "
                                      "window; 0 = kept as fitted on the fit part", minimum=0)
-    heldout_texts: int = constant(0, "--select heldout: hold out this many sequences of text generated by the dense "
+    heldout_texts: int = constant(8, "--select heldout: hold out this many sequences of text generated by the dense "
                                      "model itself (its own distribution) instead of calibration windows; 0 = hold "
                                      "out calibration windows", minimum=0)
-    heldout_length: int = constant(128, "--select heldout: tokens per generated held-out sequence")
-    heldout_wanda: int = constant(0, "--select heldout with a solver (admm, sparsegpt): 1 = Wanda's per-row mask "
-                                     "with the solver's reconstruction as an update is a candidate too", minimum=0)
+    heldout_length: int = constant(0, "--select heldout: tokens per generated held-out sequence; 0 = the "
+                                      "calibration window's (--seqlen)", minimum=0)
 
 
 @SELECTIONS.register("none")
@@ -220,14 +213,11 @@ def no_selection(W0, split, reconstruct):
 
 @SELECTIONS.register("heldout", needs_split=True, constants=HeldoutConstants)
 def heldout(W0: torch.Tensor, split: Split, reconstruct: dict[str, Reconstruct], *, heldout_every: int,
-            heldout_ridges: tuple[float, float], heldout_steps: int, heldout_shrink: int, heldout_margin: float,
-            heldout_refit: int, heldout_texts: int, heldout_length: int,
-            heldout_wanda: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            heldout_ridges: tuple[float, float], heldout_steps: int, heldout_shrink: int,
+            heldout_refit: int, heldout_texts: int, heldout_length: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The reconstruction's strength chosen on held-out calibration windows (module docstring)."""
-    if not math.isfinite(heldout_margin) or heldout_margin >= 1:
-        raise ZprunerError(f"heldout_margin {heldout_margin} must be below 1")
     return select(W0, split, reconstruct, factors=ridge_factors(*heldout_ridges, heldout_steps),
-                  shrink=bool(heldout_shrink), margin=heldout_margin, refit=bool(heldout_refit))
+                  shrink=bool(heldout_shrink), refit=bool(heldout_refit))
 
 
 @torch.no_grad()

@@ -25,7 +25,6 @@ from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
 from .reallocation import best_permutation
-from .registry import SCORES, UPDATES
 from .stats import ActivationStats, Recorded, pooled, record_inputs
 from .weights import checkpoint_names
 
@@ -60,7 +59,7 @@ def pruned_weights(
     method = config.method_entry
     if method.kind == "solver":
         W, keep = method(W0, stats, sparsity=config.sparsity, pattern=config.parsed_pattern,
-                         constants=config.constants)
+                         constants=config.constants, **_solver_group(config))
     else:
         keep = keep_mask(method(W0, stats, constants=config.constants), config.sparsity, config.parsed_pattern,
                          config.group or method.default_group)
@@ -74,8 +73,7 @@ def pruned_weights(
 def selected_weights(W0: torch.Tensor, split: Split, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(W', keep, record) for one dense layer W0: [out, in] under a selection (``--select``):
     the configured reconstruction, its ridge scaled as the selection asks, fitted on one
-    part of the statistics or the other (zpruner.heldout); with ``heldout_wanda`` and a
-    solver, Wanda's per-row mask under the solver's own update as a second candidate family."""
+    part of the statistics or the other (zpruner.heldout)."""
     W0 = W0.float()
     method, recon = config.method_entry, config.reconstruction_entry
     pattern = config.parsed_pattern
@@ -83,27 +81,27 @@ def selected_weights(W0: torch.Tensor, split: Split, config: PruneConfig) -> tup
     def scaled(factor: float) -> dict:
         return {**config.constants, recon.ridge: config.constants[recon.ridge] * factor}
 
-    def masked_family(score, group: str, update):
+    if method.kind == "solver":
+        def reconstruct(stats: ActivationStats, factor: float):
+            W, keep = method(W0, stats, sparsity=config.sparsity, pattern=pattern, constants=scaled(factor),
+                             **_solver_group(config))
+            return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
+    else:
         # the score's mask from every calibration window: a mask is not fitted weights, and
         # one mask for every candidate makes them differ in the reconstruction only
-        keep = keep_mask(score(W0, split.full, constants=config.constants), config.sparsity, pattern, group)
+        keep = keep_mask(method(W0, split.full, constants=config.constants), config.sparsity, pattern,
+                         config.group or method.default_group)
 
         def reconstruct(stats: ActivationStats, factor: float):
-            return update(W0, None, keep, stats, constants=scaled(factor)), keep
-        return reconstruct
+            return config.update_entry(W0, None, keep, stats, constants=scaled(factor)), keep
 
-    families = {}
-    if method.kind == "solver":
-        def solve(stats: ActivationStats, factor: float):
-            W, keep = method(W0, stats, sparsity=config.sparsity, pattern=pattern, constants=scaled(factor))
-            return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
-        families["configured"] = solve
-        if config.heldout_wanda and method.name in UPDATES:
-            wanda = SCORES["wanda"]
-            families["wanda"] = masked_family(wanda, wanda.default_group, UPDATES[method.name])
-    else:
-        families["configured"] = masked_family(method, config.group or method.default_group, config.update_entry)
-    return config.selection_entry(W0, split, families, constants=config.constants)
+    return config.selection_entry(W0, split, {"configured": reconstruct}, constants=config.constants)
+
+
+def _solver_group(config: PruneConfig) -> dict:
+    """A solver that compares its mask over a group (one with a default_group) gets it."""
+    group = config.group or config.method_entry.default_group
+    return {} if group is None else {"group": group}
 
 
 @torch.no_grad()
@@ -357,8 +355,11 @@ def _heldout_batches(model: nn.Module, calibration: torch.Tensor, config: PruneC
     if blocks is not None and type(blocks) is not Blocks:
         raise ZprunerError("--heldout-texts: generating held-out text needs the whole model in memory, and this "
                            "run streams it (--offload); use --heldout-texts 0 to hold out calibration windows")
-    generated = generated_text(model, config.heldout_texts, config.heldout_length, config.seed, _start_token(model))
-    held = list(generated.split(max(1, CALIB_BATCH_TOKENS // config.heldout_length)))
+    # as long as the calibration windows by default: early positions' activations differ
+    # from later ones (measured: 16 x 128 tokens chose worse than 8 x 512, reconstruction.md)
+    length = config.heldout_length or config.seqlen
+    generated = generated_text(model, config.heldout_texts, length, config.seed, _start_token(model))
+    held = list(generated.split(max(1, CALIB_BATCH_TOKENS // length)))
     n = len(batches)
     return batches + held, (list(range(n)), list(range(n, n + len(held))))
 

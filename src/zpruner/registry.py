@@ -100,7 +100,7 @@ class Method:
     constants: type | None = None
     needs_activations: bool = False  # reads the calibration inputs' statistics
     needs_hessian: bool = False  # reads XᵀX (implies activations); also: reconstructs the weights
-    default_group: str | None = None  # scores: where unstructured masks compare ('row' or 'layer')
+    default_group: str | None = None  # scores (and solvers that take --group): where unstructured masks compare
     # reconstructions: the constant that pulls the solution toward the dense weights (a ridge,
     # stronger when larger), which a selection (--select) may scale
     ridge: str | None = None
