@@ -20,10 +20,11 @@ def test_the_recommended_options_per_pattern(pattern, sparsity, allocation):
     config = RunConfig.from_options("quick", recipe="recommended", pattern=pattern, sparsity=sparsity)
     p = config.prune
     assert (p.method, p.update, p.select, p.allocation) == ("admm", "none", "heldout", allocation)
+    assert p.group == (None if ":" in pattern else "row")
     assert config.recipe["name"] == "recommended" and config.recipe["overridden_by_options"] == {}
     # the same options typed out are the same run
     typed = RunConfig.from_options("quick", pattern=pattern, sparsity=sparsity, method="admm", select="heldout",
-                                   allocation=allocation)
+                                   allocation=allocation, group=p.group)
     assert run_key(typed) == run_key(config)
 
 
@@ -36,7 +37,11 @@ def test_explicit_options_win_and_are_recorded():
     # a score method given: its mask gets the recipe's reconstruction (the ADMM update)
     config = RunConfig.from_options("quick", recipe="recommended", method="wanda")
     assert (config.prune.method, config.prune.update, config.prune.select) == ("wanda", "admm", "heldout")
+    assert config.prune.group is None  # Wanda's own comparison group
     assert config.recipe["overridden_by_options"] == {"method": "wanda"}
+    # streamed from disk: no generated text, calibration windows held out instead
+    config = RunConfig.from_options("quick", recipe="recommended", offload="disk")
+    assert config.prune.heldout_texts == 0 and config.recipe["chose"]["heldout_texts"] == 0
     with pytest.raises(ZprunerError, match="recipe 'best' is unknown"):
         apply_recipe("best", {})
     # an explicit option that makes the recipe's selection impossible is refused with its reason
