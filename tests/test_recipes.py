@@ -8,7 +8,7 @@ from test_offload import quick
 from zpruner.cli import main
 from zpruner.config import RunConfig
 from zpruner.errors import ZprunerError
-from zpruner.recipes import apply_recipe
+from zpruner.recipes import apply_recipe, run_config
 from zpruner.results import run_key
 
 
@@ -17,7 +17,7 @@ from zpruner.results import run_key
                                                         ("unstructured", 0.7, "owl"),
                                                         ("2:4", None, "uniform"), ("4:8", None, "uniform")])
 def test_the_recommended_options_per_pattern(pattern, sparsity, allocation):
-    config = RunConfig.from_options("quick", recipe="recommended", pattern=pattern, sparsity=sparsity)
+    config = run_config("recommended", "quick", pattern=pattern, sparsity=sparsity)
     p = config.prune
     assert (p.method, p.update, p.select, p.allocation) == ("admm", "none", "heldout", allocation)
     assert p.group == (None if ":" in pattern else "row")
@@ -29,24 +29,24 @@ def test_the_recommended_options_per_pattern(pattern, sparsity, allocation):
 
 
 def test_explicit_options_win_and_are_recorded():
-    config = RunConfig.from_options("quick", recipe="recommended", method="sparsegpt", allocation="uniform",
+    config = run_config("recommended", "quick", method="sparsegpt", allocation="uniform",
                                     sparsity=0.7)
     p = config.prune
     assert (p.method, p.update, p.select, p.allocation) == ("sparsegpt", "none", "heldout", "uniform")
     assert config.recipe["overridden_by_options"] == {"method": "sparsegpt", "allocation": "uniform"}
     # a score method given: its mask gets the recipe's reconstruction (the ADMM update)
-    config = RunConfig.from_options("quick", recipe="recommended", method="wanda")
+    config = run_config("recommended", "quick", method="wanda")
     assert (config.prune.method, config.prune.update, config.prune.select) == ("wanda", "admm", "heldout")
     assert config.prune.group is None  # Wanda's own comparison group
     assert config.recipe["overridden_by_options"] == {"method": "wanda"}
     # streamed from disk: no generated text, calibration windows held out instead
-    config = RunConfig.from_options("quick", recipe="recommended", offload="disk")
+    config = run_config("recommended", "quick", offload="disk")
     assert config.prune.heldout_texts == 0 and config.recipe["chose"]["heldout_texts"] == 0
     with pytest.raises(ZprunerError, match="recipe 'best' is unknown"):
         apply_recipe("best", {})
     # an explicit option that makes the recipe's selection impossible is refused with its reason
     with pytest.raises(ZprunerError, match="chooses how strongly a reconstruction"):
-        RunConfig.from_options("quick", recipe="recommended", method="wanda", update="ec")
+        run_config("recommended", "quick", method="wanda", update="ec")
 
 
 def test_the_cli_records_what_the_recipe_chose(tmp_path, tiny_model_dir, tiny_data_dir, capsys):

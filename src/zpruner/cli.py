@@ -8,9 +8,10 @@ import sys
 
 from .config import DTYPES, EXPERT_SCORES, EXPERT_STATS, GROUPS, OFFLOAD_MODES, EvalConfig, ModelConfig, PruneConfig, RunConfig, ZeroShotConfig
 from .errors import ZprunerError
+from .executors import executor_from_options
 from .io import check_output_file, check_output_folder
 from .protocols import DEFAULTS, PROTOCOLS, describe
-from .recipes import RECIPES
+from .recipes import RECIPES, run_config
 from .registry import ALLOCATIONS, SELECTIONS, UPDATES, Constant, constants, method_names
 from .summary import format_summary
 from .zeroshot import TASK_SETS, TASKS
@@ -23,13 +24,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, minimum: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer" if minimum else f"{value} is below 0")
     return value
 
 
@@ -116,18 +117,9 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0")
-    return value
-
-
-# A constant's kind -> how its flag's text is read
+# A constant's kind -> how its flag's text is read; an owner's kind -> its option
 _CONSTANT_PARSERS = {"int": _positive_int, "float": _finite, "range": _clamp_range}
+_OWNER_OPTIONS = {"update": "--update", "allocation": "--allocation", "selection": "--select"}
 
 
 def _add_constant_option(group, constant: Constant) -> None:
@@ -136,9 +128,10 @@ def _add_constant_option(group, constant: Constant) -> None:
     by_option: dict[str, list[str]] = {}
     for owner in constant.owners:
         kind, name = owner.split(" ", 1)
-        by_option.setdefault({"update": "--update", "allocation": "--allocation", "selection": "--select"}.get(kind, "--method"), []).append(name)
+        by_option.setdefault(_OWNER_OPTIONS.get(kind, "--method"), []).append(name)
     owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
-    parse = _non_negative_int if constant.kind == "int" and constant.minimum == 0 else _CONSTANT_PARSERS[constant.kind]
+    parse = (lambda text: _positive_int(text, 0)) if constant.kind == "int" and constant.minimum == 0 else \
+        _CONSTANT_PARSERS[constant.kind]
     group.add_argument("--" + constant.name.replace("_", "-"), type=parse,
                        metavar="LO,HI" if constant.kind == "range" else None,
                        help=f"{constant.help} (used by {owners}). Default: {default}")
@@ -153,11 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(and zero-shot accuracy with --tasks) of the pruned model in memory.")
     _add_model_options(p)
     g = p.add_argument_group("pruning")
-    g.add_argument("--recipe", choices=list(RECIPES),
-                   help="zpruner's advice for the given --sparsity/--pattern: recommended = the ADMM solver with its "
-                        "ridge chosen per matrix on held-out calibration windows (--select heldout), plus OWL from 70 %% "
-                        "unstructured (experiments/reconstruction.md). It fills only the pruning options not given: "
-                        "explicit options win, and the results record both")
+    g.add_argument("--recipe", choices=list(RECIPES), help="zpruner's advice for the --sparsity/--pattern (zpruner.recipes, "
+                   "experiments/reconstruction.md); fills only the pruning options not given, and the results say so")
     g.add_argument("--method", metavar="{" + ",".join(method_names()) + "}",
                    help=f"importance score, or a solver that chooses its mask inside its reconstruction "
                         f"(sparsegpt). Default: {PruneConfig.method}")
@@ -168,10 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is shared out among the decoder blocks: uniform, or owl (outlier-weighted: "
                         "blocks with more outlier weights pruned less, within ±--owl-lambda, overall exact). "
                         f"Default: {PruneConfig.allocation}")
-    g.add_argument("--select", choices=list(SELECTIONS),
-                   help="how strongly the reconstruction (a solver, --update sparsegpt or admm) is applied to each "
-                        "matrix: none (as configured), or heldout (chosen on calibration windows it was not fitted "
-                        f"on: the mask alone, ridges, shrinkage; zpruner.heldout). Default: {PruneConfig.select}")
+    g.add_argument("--select", choices=list(SELECTIONS), help="how much of the reconstruction each matrix keeps: none (all), "
+                   f"heldout (chosen on data it was not fitted on: zpruner.heldout). Default: {PruneConfig.select}")
     e = p.add_argument_group("mixture-of-experts models")
     e.add_argument("--prune-experts", type=_finite, metavar="F", help="remove the fraction F of the routed experts of "
                    "every MoE block before the kept ones are pruned. Default: 0")
@@ -307,19 +295,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def executor_from_args(args: argparse.Namespace):
-    """The executor the options ask for; checked (Ray installed) before anything is written."""
-    if args.executor == "local":
-        given = [name for name in ("ray_address", "cpus_per_run", "gpus_per_run") if getattr(args, name) is not None]
-        if given:
-            raise ZprunerError(", ".join("--" + name.replace("_", "-") for name in given)
-                               + ": options of --executor ray; add --executor ray or drop them")
-        return None
-    from .executors import RayExecutor
-
-    return RayExecutor(args.ray_address, args.cpus_per_run or 1, args.gpus_per_run)
-
-
 def grid_from_args(args: argparse.Namespace):
     from .sweep import AXES, Grid, read_grid
 
@@ -340,7 +315,7 @@ def sweep_main(args: argparse.Namespace) -> int:
 
     check_output_file("--results", args.results)
     planned = plan(grid_from_args(args), args.data_dir)  # a bad grid stops here, before anything is written
-    executor = executor_from_args(args)  # so does --executor ray without Ray
+    executor = executor_from_options(args.executor, args.ray_address, args.cpus_per_run, args.gpus_per_run)  # and Ray
     for line in planned.skipped:
         print(f"skipped (not a valid combination): {line}")
     if args.adopt and not args.dry_run:
@@ -374,8 +349,8 @@ def report_main(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run the options ask for: RunConfig.from_options, which the sweep uses too."""
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "protocol")}
-    return RunConfig.from_options(args.protocol, prune=args.command == "prune", **options)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "protocol", "recipe")}
+    return run_config(getattr(args, "recipe", None), args.protocol, prune=args.command == "prune", **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .checks import check_bool, check_choice, check_fraction, check_int, check_str
 from .errors import ZprunerError
+from .heldout import check_config as check_selection
 from .masks import Pattern, check_sparsity
 from .protocols import check_protocol, expand
 from .registry import UPDATES, Method, constants, get_allocation, get_method, get_selection, get_update
@@ -78,9 +79,7 @@ class PruneConfig:
     (zpruner.allocation). ``prune_experts`` removes that fraction of the routed experts of
     every MoE block, ranked by ``expert_score`` ('reap', 'frequency' or 'random');
     ``expert_stats`` 'own' gives each expert the statistics of the tokens routed to it,
-    'pooled' those of every token its block's experts saw (zpruner.experts). ``select``
-    'heldout' decides per matrix how strongly the reconstruction is applied, on calibration
-    windows it was not fitted on (zpruner.heldout); 'none' applies it as configured.
+    'pooled' those of every token its block's experts saw (zpruner.experts). ``select``: zpruner.heldout.
 
     The methods' constants (``ria_exponent``, ``cvr_alpha``, ``ec_clamp``, ``damp`` ...:
     ``zpruner.registry.constants()``) are keyword arguments too; they are kept in
@@ -170,17 +169,7 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         self.sparsity = float(self.sparsity)  # 0.5 from anywhere, one run key
         self.prune_experts = float(self.prune_experts)
-        selection = get_selection(self.select)
-        if selection.needs_split:
-            reconstruction = method if method.kind == "solver" else update
-            if not reconstruction.needs_hessian or reconstruction.ridge is None:
-                raise ZprunerError(f"--select {self.select} chooses how strongly a reconstruction is applied; use a "
-                                   "solver (--method sparsegpt or admm) or --update sparsegpt or admm")
-        if self.calib_batch_size is None and selection.needs_split and self.constants["heldout_texts"] == 0:
-            from .heldout import split_batch_size  # the selection's own rule: enough batches to hold some out
-
-            self.calib_batch_size = split_batch_size(self.nsamples, self.seqlen, self.constants["heldout_every"],
-                                                     CALIB_BATCH_TOKENS)
+        check_selection(self, method, update, CALIB_BATCH_TOKENS)
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
         if self.reallocate and (not pattern.is_nm or method.kind != "score"):
@@ -199,15 +188,6 @@ class PruneConfig:
         return get_allocation(self.allocation)
 
     @property
-    def selection_entry(self) -> Method:
-        return get_selection(self.select)
-
-    @property
-    def reconstruction_entry(self) -> Method:
-        """The method or update that reconstructs the weights (a solver, else the update)."""
-        return self.method_entry if self.method_entry.kind == "solver" else self.update_entry
-
-    @property
     def uses_hessian(self) -> bool:
         return self.method_entry.needs_hessian or self.update_entry.needs_hessian
 
@@ -223,8 +203,8 @@ class PruneConfig:
 
     def used_constants(self) -> dict[str, Any]:
         """The constants of the method, the update and the allocation this configuration uses."""
-        used = [f.name for entry in (self.method_entry, self.update_entry, self.allocation_entry,
-                                     self.selection_entry) for f in entry.constant_fields]
+        entries = (self.method_entry, self.update_entry, self.allocation_entry, get_selection(self.select))
+        used = [f.name for entry in entries for f in entry.constant_fields]
         return {name: self.constants[name] for name in used}
 
     def for_block(self, sparsity: float) -> "PruneConfig":
@@ -242,14 +222,12 @@ class PruneConfig:
         methods and updates it does not use, calibration settings of a data-free method and
         execution details (calib_batch_size) are left out, so equal results get equal keys."""
         used = {"method", "sparsity", "pattern", "group", "update", "reallocate"}
-        if self.allocation != "uniform":  # absent from results written before allocations, which are uniform
-            used.add("allocation")
+        # absent from results written before allocations and selections, which were uniform and none
+        used |= {name for name, off in (("allocation", "uniform"), ("select", "none")) if getattr(self, name) != off}
         if self.prune_experts > 0:  # likewise for the MoE options, at their defaults before them
             used |= {"prune_experts", "expert_score"}
         if self.expert_stats != "own":
             used.add("expert_stats")
-        if self.select != "none":  # absent from results written before selections
-            used.add("select")
         if self.needs_calibration:
             used |= {"nsamples", "seqlen", "seed", "calibration"}
         return {**{k: v for k, v in self.to_dict().items() if k in used}, **self.used_constants()}
@@ -267,11 +245,10 @@ class PruneConfig:
         may hold values that today's checks refuse (EC's clamp was once 0,inf)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"constants"}
         used: set[str] = set()
-        for lookup, name in ((get_method, d.get("method", cls.method)), (get_update, d.get("update", cls.update)),
-                             (get_allocation, d.get("allocation", cls.allocation)),
-                             (get_selection, d.get("select", cls.select))):
+        for lookup, key in ((get_method, "method"), (get_update, "update"), (get_allocation, "allocation"),
+                            (get_selection, "select")):
             try:
-                used |= {f.name for f in lookup(name).constant_fields}
+                used |= {f.name for f in lookup(d.get(key, getattr(cls, key))).constant_fields}
             except ZprunerError:
                 pass  # the constructor names the unknown method or update
         return cls(**{k: v for k, v in d.items() if k in names or k in used})
@@ -352,9 +329,7 @@ class RunConfig:
     resume: bool = False  # continue the unfinished streamed run of the same options in ``work_dir``
     work_dir: str | None = None  # a streamed run's checkpoints; None: beside ``save``, else in the temp folder
     activations: str = "memory"  # 'disk': the calibration activations in a memory-mapped file (work folder or temp)
-    # --recipe: its name, the options it chose and those given explicitly instead (zpruner.recipes),
-    # for the record; the options themselves are in ``prune``
-    recipe: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None  # --recipe's choices, for the record (zpruner.recipes.run_config)
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
@@ -373,16 +348,11 @@ class RunConfig:
             raise ZprunerError("--resume needs --offload disk: only a run streamed from disk keeps checkpoints")
 
     @classmethod
-    def from_options(cls, protocol: str | None = None, *, prune: bool = True, recipe: str | None = None,
-                     **options) -> "RunConfig":
+    def from_options(cls, protocol: str | None = None, *, prune: bool = True, **options) -> "RunConfig":
         """A run from flat options, as the CLI and the sweep name them (``--eval-seqlen`` is
         ``eval_seqlen``, a method's constant its own name). None means "not given": the
         ``protocol``'s value where it has one, else the dataclass default. Without ``prune``
-        the pruning options are ignored (a dense measurement of the same protocol).
-        ``recipe`` fills the pruning options it advises that are not given (zpruner.recipes)."""
-        from .recipes import apply_recipe
-
-        options, recipe_record = apply_recipe(recipe if prune else None, options)
+        the pruning options are ignored (a dense measurement of the same protocol)."""
         prune_names = {f.name for f in dataclasses.fields(PruneConfig) if f.name != "constants"} | set(constants())
         unknown = set(options) - prune_names - set(MODEL_OPTIONS) - set(EVAL_OPTIONS) - set(ZERO_SHOT_OPTIONS) \
             - set(RUN_OPTIONS) - set(PROTOCOL_OPTIONS) - {"no_eval"}
@@ -407,7 +377,7 @@ class RunConfig:
         if prune:
             pruning = PruneConfig(nsamples=chosen["nsamples"], seqlen=chosen["seqlen"],
                                   **{k: v for k, v in given.items() if k in prune_names})
-        return cls(model, pruning, evaluation, zero_shot=zero_shot, protocol=protocol, recipe=recipe_record, **run)
+        return cls(model, pruning, evaluation, zero_shot=zero_shot, protocol=protocol, **run)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

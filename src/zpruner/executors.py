@@ -92,6 +92,20 @@ class SweepWorker:
         return result, time.perf_counter() - start
 
 
+def executor_from_options(executor: str, ray_address: str | None, cpus_per_run: float | None,
+                          gpus_per_run: float | None):
+    """The executor the sweep's options ask for (None: local); checked (Ray installed) before
+    anything is written."""
+    if executor == "local":
+        given = [name for name, value in (("ray_address", ray_address), ("cpus_per_run", cpus_per_run),
+                                          ("gpus_per_run", gpus_per_run)) if value is not None]
+        if given:
+            raise ZprunerError(", ".join("--" + name.replace("_", "-") for name in given)
+                               + ": options of --executor ray; add --executor ray or drop them")
+        return None
+    return RayExecutor(ray_address, cpus_per_run or 1, gpus_per_run)
+
+
 def import_ray():
     try:
         import ray

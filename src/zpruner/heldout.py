@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ZprunerError
-from .registry import SELECTIONS, constant
-from .stats import ActivationStats, pooled
+from .registry import SELECTIONS, constant, get_selection
+from .masks import keep_mask
+from .stats import ActivationStats, Recorded, pooled
 
 # reconstruct(stats, factor) -> (W', keep): the configured reconstruction fitted on stats, its
 # ridge constant multiplied by factor
@@ -62,8 +63,10 @@ class Split:
             self._full = pooled([self.fit, self.heldout])
         return self._full
 
-    def forget_full(self) -> None:
-        """Say that a part changed (e.g. its inputs were permuted): ``full`` is made again."""
+    def each(self, change: Callable[[ActivationStats], None]) -> None:
+        """Apply ``change`` to both parts (e.g. permute their inputs); ``full`` is made again."""
+        change(self.fit)
+        change(self.heldout)
         self._full = None
 
     # The score methods read the statistics of every window (their masks are not fitted
@@ -234,3 +237,99 @@ def generated_text(model, n: int, length: int, seed: int, start_token: int) -> t
                              top_p=1.0, max_new_tokens=length, min_new_tokens=length, pad_token_id=start_token,
                              use_cache=True)
     return out[:, 1:length + 1].cpu()
+
+
+# ---------------------------------------------------------------- the engine's side
+# (``config`` below is a PruneConfig; it is not imported: zpruner.config imports this module)
+
+
+def check_config(config, method, update, default_batch_tokens: int) -> None:
+    """A selection's rules on a PruneConfig: it needs a reconstruction with a ridge; with
+    calibration windows held out, the default batch holds at most 1/(2·every) of them."""
+    if not get_selection(config.select).needs_split:
+        return
+    reconstruction = method if method.kind == "solver" else update
+    if not reconstruction.needs_hessian or reconstruction.ridge is None:
+        raise ZprunerError(f"--select {config.select} chooses how strongly a reconstruction is applied; use a solver "
+                           "(--method sparsegpt or admm) or --update sparsegpt or admm")
+    if config.calib_batch_size is None and config.constants["heldout_texts"] == 0:
+        config.calib_batch_size = split_batch_size(config.nsamples, config.seqlen, config.constants["heldout_every"],
+                                                   default_batch_tokens)
+
+
+def selected_weights(W0: torch.Tensor, split: Split, config, solver_group: dict) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          dict]:
+    """(W', keep, record) for one dense layer W0: [out, in] under ``config``'s selection: the
+    configured reconstruction (a solver, with ``solver_group``, or a score's mask and the
+    update), its ridge scaled as the selection asks, fitted on one part of the statistics."""
+    W0 = W0.float()
+    method = config.method_entry
+    recon = method if method.kind == "solver" else config.update_entry
+    pattern = config.parsed_pattern
+
+    def scaled(factor: float) -> dict:
+        return {**config.constants, recon.ridge: config.constants[recon.ridge] * factor}
+
+    if method.kind == "solver":
+        def reconstruct(stats: ActivationStats, factor: float):
+            W, keep = method(W0, stats, sparsity=config.sparsity, pattern=pattern, constants=scaled(factor),
+                             **solver_group)
+            return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
+    else:
+        # the score's mask from every calibration window: a mask is not fitted weights, and
+        # one mask for every candidate makes them differ in the reconstruction only
+        keep = keep_mask(method(W0, split.full, constants=config.constants), config.sparsity, pattern,
+                         config.group or method.default_group)
+
+        def reconstruct(stats: ActivationStats, factor: float):
+            return config.update_entry(W0, None, keep, stats, constants=scaled(factor)), keep
+
+    return get_selection(config.select)(W0, split, {"configured": reconstruct}, constants=config.constants)
+
+
+def heldout_batches(model, calibration: torch.Tensor, config, streamed: bool,
+                    batch_tokens: int) -> tuple[list[torch.Tensor], tuple[list[int], list[int]]]:
+    """The batches the engine carries under a held-out selection, and which of them are
+    fitted and which held out: one calibration batch in every ``heldout_every``, or (with
+    ``heldout_texts``) every calibration batch fitted and text the dense model generates
+    itself held out, in batches of its own (about ``batch_tokens`` tokens each)."""
+    batches = list(calibration.split(config.calib_batch_size))
+    if config.heldout_texts == 0:
+        return batches, split_batches(len(batches), config.heldout_every)
+    if streamed:
+        raise ZprunerError("--heldout-texts: generating held-out text needs the whole model in memory, and this "
+                           "run streams it (--offload); use --heldout-texts 0 to hold out calibration windows")
+    # as long as the calibration windows by default: early positions' activations differ
+    # from later ones (measured: 16 x 128 tokens chose worse than 8 x 512, reconstruction.md)
+    length = config.heldout_length or config.seqlen
+    generated = generated_text(model, config.heldout_texts, length, config.seed, start_token(model))
+    held = list(generated.split(max(1, batch_tokens // length)))
+    n = len(batches)
+    return batches + held, (list(range(n)), list(range(n, n + len(held))))
+
+
+def start_token(model) -> int:
+    """Where generated text starts: the model's beginning-of-sequence token, else its end."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(source, name, None)
+            token = token[0] if isinstance(token, (list, tuple)) and token else token
+            if isinstance(token, int):
+                return token
+    return 0
+
+
+def split_recorded(fit: Recorded, heldout: Recorded, calibration: bool = True) -> Recorded:
+    """Per matrix, its statistics of the fit part and of the held-out part together."""
+    both = Recorded()
+    for name in fit:
+        both[name] = Split(fit[name], heldout[name], calibration)
+        both.tokens[name] = fit.tokens[name] + heldout.tokens[name]
+    return both
+
+
+def pooled_split(accs: list) -> ActivationStats | Split:
+    """``stats.pooled``, part by part for held-out splits."""
+    if isinstance(accs[0], Split):
+        return Split(pooled([a.fit for a in accs]), pooled([a.heldout for a in accs]), accs[0].calibration)
+    return pooled(accs)

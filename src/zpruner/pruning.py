@@ -18,13 +18,14 @@ from .checkpoint import WorkDir
 from .engine import model_device, run_layerwise
 from .errors import ZprunerError
 from .expert_removal import ExpertTally, experts_to_keep, remove_experts, update_config
-from .heldout import Split, generated_text, split_batches
+from .heldout import Split, heldout_batches, pooled_split, selected_weights, split_recorded
 from .experts import check_seen, observed
 from .layers import Matrix, block_counts, block_experts, block_prefix, check_pattern, find_matrices
 from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
 from .reallocation import best_permutation
+from .registry import get_selection
 from .stats import ActivationStats, Recorded, pooled, record_inputs
 from .weights import checkpoint_names
 
@@ -70,34 +71,6 @@ def pruned_weights(
     return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
 
 
-def selected_weights(W0: torch.Tensor, split: Split, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(W', keep, record) for one dense layer W0: [out, in] under a selection (``--select``):
-    the configured reconstruction, its ridge scaled as the selection asks, fitted on one
-    part of the statistics or the other (zpruner.heldout)."""
-    W0 = W0.float()
-    method, recon = config.method_entry, config.reconstruction_entry
-    pattern = config.parsed_pattern
-
-    def scaled(factor: float) -> dict:
-        return {**config.constants, recon.ridge: config.constants[recon.ridge] * factor}
-
-    if method.kind == "solver":
-        def reconstruct(stats: ActivationStats, factor: float):
-            W, keep = method(W0, stats, sparsity=config.sparsity, pattern=pattern, constants=scaled(factor),
-                             **_solver_group(config))
-            return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
-    else:
-        # the score's mask from every calibration window: a mask is not fitted weights, and
-        # one mask for every candidate makes them differ in the reconstruction only
-        keep = keep_mask(method(W0, split.full, constants=config.constants), config.sparsity, pattern,
-                         config.group or method.default_group)
-
-        def reconstruct(stats: ActivationStats, factor: float):
-            return config.update_entry(W0, None, keep, stats, constants=scaled(factor)), keep
-
-    return config.selection_entry(W0, split, {"configured": reconstruct}, constants=config.constants)
-
-
 def _solver_group(config: PruneConfig) -> dict:
     """A solver that compares its mask over a group (one with a default_group) gets it."""
     group = config.group or config.method_entry.default_group
@@ -108,13 +81,11 @@ def _solver_group(config: PruneConfig) -> dict:
 def prune_matrix(matrix: Matrix, stats: ActivationStats | Split | None, config: PruneConfig) -> tuple[torch.Tensor, dict | None]:
     """Prune and update one matrix in place; returns (keep: [out, in], the selection's record or None)."""
     W = matrix.weight
-    record = None
-    if isinstance(stats, Split):
-        new, keep, record = selected_weights(W, stats, config)
-    else:
-        new, keep = pruned_weights(W, stats, config)
+    split = isinstance(stats, Split)
+    new, keep, *record = selected_weights(W, stats, config, _solver_group(config)) if split else \
+        pruned_weights(W, stats, config)
     W.copy_(new.to(W.dtype))
-    return keep, record
+    return keep, record[0] if record else None
 
 
 def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
@@ -131,10 +102,7 @@ def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Ten
 
 def permute_stats(stats: ActivationStats | Split, perm: torch.Tensor) -> None:
     if isinstance(stats, Split):
-        for part in (stats.fit, stats.heldout):
-            permute_stats(part, perm)
-        stats.forget_full()
-        return
+        return stats.each(lambda part: permute_stats(part, perm))
     stats.sum, stats.sumsq = stats.sum[perm], stats.sumsq[perm]
     if stats.xtx is not None:
         stats.xtx = stats.xtx[perm][:, perm]
@@ -197,11 +165,7 @@ def prune(
     dtype = next(model.parameters()).dtype
     first = _resume_report(model, blocks, checkpoint, report)
     report.block_sparsity = _allocation(model, calibration, config, progress, blocks, spill, checkpoint)
-    samples, parts = calibration, None
-    if config.selection_entry.needs_split and config.needs_calibration:
-        _require_tokens(calibration, f"--select {config.select}")
-        samples, parts = _heldout_batches(model, calibration, config, blocks)
-    step = _BlockStep(model, config, report, prefix, parts)
+    step = _BlockStep(model, config, report, prefix)
 
     def finished(i: int, block: nn.Module, hidden: list[torch.Tensor] | None) -> None:
         if checkpoint is not None:  # a model in memory is counted at the end (measure_sparsity), not here
@@ -216,6 +180,10 @@ def prune(
             blocks.done(i, block)
     else:
         _require_tokens(calibration, f"method '{config.method}'")
+        samples = calibration  # with --select heldout, held-out batches too (and which batches they are)
+        if get_selection(config.select).needs_split:
+            samples, step.parts = heldout_batches(model, calibration, config, type(blocks) is not Blocks,
+                                                  CALIB_BATCH_TOKENS)
         resume = (first, checkpoint.activations()) if 0 < first < len(blocks) else None
         if first < len(blocks):
             run_layerwise(model, samples, step.visit, progress, config.calib_batch_size, last_outputs=False,
@@ -228,11 +196,9 @@ class _BlockStep:
     """What ``prune`` does to one block: remove whole experts (``--prune-experts``), record
     the statistics of its matrices (experts on their own tokens), prune them."""
 
-    def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str,
-                 parts: tuple[list[int], list[int]] | None = None):
+    def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str):
         self.model, self.config, self.report, self.prefix = model, config, report, prefix
-        # --select heldout: the batches the reconstructions are fitted on, and the held-out ones
-        self.parts = parts
+        self.parts: tuple[list[int], list[int]] | None = None  # --select heldout: (fitted, held-out) batches
 
     def visit(self, i: int, block: nn.Module, forward) -> None:
         config = self.config
@@ -247,7 +213,7 @@ class _BlockStep:
                 # a pass that stops once every layer has its input, where no experts must run to the end
                 forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None, batches=batches)
             recorded.append(stats)
-        stats = recorded[0] if len(recorded) == 1 else _split(*recorded, calibration=config.heldout_texts == 0)
+        stats = recorded[0] if len(recorded) == 1 else split_recorded(*recorded, calibration=config.heldout_texts == 0)
         self.report_experts(i, block, matrices, stats)
         self.prune_block(i, block, matrices, stats, forward)
 
@@ -319,7 +285,7 @@ class _BlockStep:
             thin = [n for n in names if stats.tokens[n] < min_tokens(self.config, matrices[n])]
             if not thin:
                 continue
-            shared = _pooled([stats[n] for n in names])
+            shared = pooled_split([stats[n] for n in names])
             for name in thin:
                 m = matrices[name]
                 fallbacks = self.report.experts[f"{self.prefix}.{i}.{m.experts.name}"]["fallback"]
@@ -341,54 +307,6 @@ class _BlockStep:
                 "reallocated": {n: self.report.reallocated[n] for n in names if n in self.report.reallocated},
                 "selection": {n: self.report.selection[n] for n in names if n in self.report.selection},
                 "sparsity": per_matrix, "experts": experts, "counts": {str(i): counts}}
-
-
-def _heldout_batches(model: nn.Module, calibration: torch.Tensor, config: PruneConfig,
-                     blocks: Blocks | None) -> tuple[list[torch.Tensor], tuple[list[int], list[int]]]:
-    """The batches the engine carries under a held-out selection, and which of them are
-    fitted and which held out: one calibration batch in every ``heldout_every``, or (with
-    ``heldout_texts``) every calibration batch fitted and text the dense model generates
-    itself held out, in batches of its own."""
-    batches = list(calibration.split(config.calib_batch_size))
-    if config.heldout_texts == 0:
-        return batches, split_batches(len(batches), config.heldout_every)
-    if blocks is not None and type(blocks) is not Blocks:
-        raise ZprunerError("--heldout-texts: generating held-out text needs the whole model in memory, and this "
-                           "run streams it (--offload); use --heldout-texts 0 to hold out calibration windows")
-    # as long as the calibration windows by default: early positions' activations differ
-    # from later ones (measured: 16 x 128 tokens chose worse than 8 x 512, reconstruction.md)
-    length = config.heldout_length or config.seqlen
-    generated = generated_text(model, config.heldout_texts, length, config.seed, _start_token(model))
-    held = list(generated.split(max(1, CALIB_BATCH_TOKENS // length)))
-    n = len(batches)
-    return batches + held, (list(range(n)), list(range(n, n + len(held))))
-
-
-def _start_token(model: nn.Module) -> int:
-    """Where generated text starts: the model's beginning-of-sequence token, else its end."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        for name in ("bos_token_id", "eos_token_id"):
-            token = getattr(source, name, None)
-            token = token[0] if isinstance(token, (list, tuple)) and token else token
-            if isinstance(token, int):
-                return token
-    return 0
-
-
-def _split(fit: Recorded, heldout: Recorded, calibration: bool = True) -> Recorded:
-    """Per matrix, its statistics of the fit part and of the held-out part together."""
-    both = Recorded()
-    for name in fit:
-        both[name] = Split(fit[name], heldout[name], calibration)
-        both.tokens[name] = fit.tokens[name] + heldout.tokens[name]
-    return both
-
-
-def _pooled(accs: list) -> ActivationStats | Split:
-    """``stats.pooled``, part by part for held-out splits."""
-    if isinstance(accs[0], Split):
-        return Split(pooled([a.fit for a in accs]), pooled([a.heldout for a in accs]), accs[0].calibration)
-    return pooled(accs)
 
 
 def _first_matrix_of_each_expert(ex, matrices: dict[str, Matrix]) -> list[str]:

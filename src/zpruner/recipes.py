@@ -54,3 +54,14 @@ def apply_recipe(name: str | None, options: dict[str, Any]) -> tuple[dict[str, A
     explicit = {k: options[k] for k in chosen if options.get(k) is not None and options[k] != chosen[k]}
     filled = {**options, **{k: v for k, v in chosen.items() if options.get(k) is None}}
     return filled, {"name": name, "chose": chosen, "overridden_by_options": explicit}
+
+
+def run_config(recipe: str | None, protocol: str | None = None, **options):
+    """``RunConfig.from_options`` with ``recipe``'s choices filled in and recorded
+    (``config.recipe``); the CLI's ``--recipe``."""
+    from .config import RunConfig
+
+    options, record = apply_recipe(recipe if options.get("prune", True) else None, options)
+    config = RunConfig.from_options(protocol, **options)
+    config.recipe = record
+    return config
