@@ -42,6 +42,7 @@ result, bit for bit or within a tolerance its docstring states, and tests hold i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,6 +171,21 @@ class Registry(dict):
         if method.ridge is not None and method.ridge not in {f.name for f in method.constant_fields}:
             raise ValueError(f"{self.kind} '{method.name}': ridge '{method.ridge}' is not one of its constants")
         self[method.name] = method
+        self._in_builtin_order()
+
+    def _in_builtin_order(self) -> None:
+        """The built-ins in BUILTIN_MODULES' order, then the others as registered: a test or a
+        script that imports zpruner.admm before the built-ins load must not reorder the
+        choices that help texts, error messages and reports list."""
+        def rank(method: Method) -> int:
+            fn = method.fn.func if isinstance(method.fn, functools.partial) else method.fn  # EC's passes
+            module = getattr(fn, "__module__", "").removeprefix(f"{__package__}.")
+            return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+        ordered = sorted(self.values(), key=rank)  # stable: a module's own order is kept
+        if list(self.values()) != ordered:
+            self.clear()
+            self.update((m.name, m) for m in ordered)
 
     def accelerate(self, name: str, *, applies: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
         """Decorator: attach ``fast`` to the registered method ``name``, to run instead of its
