@@ -42,9 +42,15 @@ def vm_hwm_mib() -> float | None:
 def prune_config(method: str, **fields):
     """PruneConfig for a benchmark method name: 'wanda', or 'METHOD+UPDATE' such as
     'cvr+ec' (score cvr, energy compensation) or 'wanda+sparsegpt' (Wanda mask, SparseGPT
-    reconstruction), the names the papers' tables use."""
+    reconstruction), the names the papers' tables use; or 'recipe:NAME' (``--recipe NAME``:
+    its options for the pattern and sparsity in ``fields``, which win where they overlap)."""
     from zpruner import PruneConfig
 
+    if method.startswith("recipe:"):
+        from zpruner.recipes import apply_recipe
+
+        options, _ = apply_recipe(method.partition(":")[2], fields)
+        return PruneConfig(**options)
     score, _, update = method.partition("+")
     return PruneConfig(method=score, update=update or "none", **fields)
 

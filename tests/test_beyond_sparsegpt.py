@@ -230,3 +230,18 @@ def test_owl_and_admm_through_the_cli_and_disk(capsys, tmp_path, tiny_model_dir,
     assert sum(blocks) / len(blocks) == pytest.approx(0.6, abs=1e-12)
     assert results["none"]["config"]["prune"]["allocation"] == "owl"
     assert results["none"]["sparsity"]["overall"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_admm_solver_compares_within_rows_with_group_row():
+    """--group row: the gradual mask keeps the same count in every row (Wanda's comparison
+    group), still exact and still a better fit than that of the mask alone."""
+    W, X = layer_problem(seed=6)
+    H = X.t() @ X
+    Wp, keep = admm(W, H, sparsity=0.5, group="row")
+    assert torch.equal(Wp != 0, keep)
+    assert ((~keep).sum(dim=1) == W.shape[1] // 2).all()
+    assert output_error(W, Wp, X) < output_error(W, W * keep, X)
+    assert not torch.equal(keep, admm(W, H, sparsity=0.5)[1])  # the layer's comparison chooses otherwise
+    assert PruneConfig(method="admm", group="row").group == "row"
+    with pytest.raises(ZprunerError, match="--group does not apply to method sparsegpt"):
+        PruneConfig(method="sparsegpt", group="row")

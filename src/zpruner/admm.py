@@ -59,11 +59,15 @@ def cubic_sparsity(target: float, step: int, steps: int) -> float:
     return target * (1.0 - (1.0 - (step + 1) / steps) ** 3)
 
 
-def gradual_keep(V: torch.Tensor, sparsity: float, target: float, pattern: Pattern) -> torch.Tensor:
+def gradual_keep(V: torch.Tensor, sparsity: float, target: float, pattern: Pattern,
+                 group: str = "layer") -> torch.Tensor:
     """keep for |V| at an intermediate ``sparsity`` on the way to ``target``: unstructured,
-    the layer's largest; N:M, each group's M − N largest always, the rest the largest of
-    the others."""
+    the layer's largest (``group`` 'layer') or each row's (``group`` 'row': every output
+    keeps the same count, as Wanda's mask); N:M, each group's M − N largest always, the rest
+    the largest of the others."""
     score = V.abs()
+    if group == "row" and not pattern.is_nm:
+        return drop_lowest(score, n_pruned(sparsity, score.shape[1]))
     if pattern.is_nm:
         final = keep_mask(score, target, pattern)
         if sparsity >= target:  # exact N:M, whatever the rounding of sparsity·numel
@@ -75,11 +79,12 @@ def gradual_keep(V: torch.Tensor, sparsity: float, target: float, pattern: Patte
 @torch.no_grad()
 def admm(W0: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None, sparsity: float = 0.0,
          pattern: Pattern = Pattern(), iters: int = 20, rho: float = 1.0, damp: float = 0.1,
-         steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+         steps: int = 15, group: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """(W', keep): W' [out, in] float32 with exactly keep's zeros.
 
     keep given: solve the kept weights for that mask. keep None: choose it gradually
-    (``steps`` iterations, at most ``iters``) at ``sparsity`` for the layer, or N:M.
+    (``steps`` iterations, at most ``iters``) at ``sparsity`` for the layer (or for each row,
+    ``group`` 'row'), or N:M.
     """
     scale, W, anchor, inverse = _scaled_system(W0, H, damp, rho)
     choose = keep is None
@@ -89,12 +94,12 @@ def admm(W0: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
     U = torch.zeros_like(W)
     for i in range(iters):
         if choose and i < steps:
-            keep = gradual_keep(W + U, cubic_sparsity(sparsity, i, steps), sparsity, pattern)
+            keep = gradual_keep(W + U, cubic_sparsity(sparsity, i, steps), sparsity, pattern, group)
         Z = (W + U) * keep
         U += W - Z
         W = torch.addmm(anchor, Z - U, inverse, alpha=rho)  # (W₀H + ρ(Z − U))(H + ρI)⁻¹
     if choose and iters == 0:
-        keep = gradual_keep(W, sparsity, sparsity, pattern)
+        keep = gradual_keep(W, sparsity, sparsity, pattern, group)
     return (W + U) * keep / scale[None, :], keep
 
 
@@ -112,16 +117,17 @@ class ADMMSolverConstants(ADMMConstants):
     admm_steps: int = constant(15, "ADMM solver: iterations over which the mask's sparsity rises to the target")
 
 
-@UPDATES.register("admm", needs_hessian=True, constants=ADMMConstants)
+@UPDATES.register("admm", needs_hessian=True, constants=ADMMConstants, ridge="admm_damp")
 def solve_kept(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats, *, admm_iters: int,
                admm_rho: float, admm_damp: float) -> torch.Tensor:
     """Another method's mask, the kept weights solved by ADMM from the dense ones."""
     return admm(W0, stats.xtx, keep=keep, iters=admm_iters, rho=admm_rho, damp=admm_damp)[0]
 
 
-@SOLVERS.register("admm", needs_hessian=True, constants=ADMMSolverConstants)
-def solve(W0: torch.Tensor, stats, *, sparsity: float, pattern: Pattern, admm_iters: int, admm_rho: float,
-          admm_damp: float, admm_steps: int):
-    """Mask and weights together: gradual selection inside the ADMM iterations."""
+@SOLVERS.register("admm", needs_hessian=True, constants=ADMMSolverConstants, ridge="admm_damp", default_group="layer")
+def solve(W0: torch.Tensor, stats, *, sparsity: float, pattern: Pattern, group: str, admm_iters: int,
+          admm_rho: float, admm_damp: float, admm_steps: int):
+    """Mask and weights together: gradual selection inside the ADMM iterations, compared
+    over the layer (the reference's) or, with ``--group row``, within each row."""
     return admm(W0, stats.xtx, sparsity=sparsity, pattern=pattern, iters=admm_iters, rho=admm_rho,
-                damp=admm_damp, steps=admm_steps)
+                damp=admm_damp, steps=admm_steps, group=group)

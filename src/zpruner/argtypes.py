@@ -36,6 +36,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give an integer >= 0")
+    return value
+
+
 def seed(text: str) -> int:
     value = integer(text)
     if value < 0:

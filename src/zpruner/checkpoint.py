@@ -49,7 +49,8 @@ STATE_FILE = "state.json"
 LOCK = ".zpruner-lock"
 # the layout of a work folder: a checkpoint of another layout is refused, never misread
 FORMAT = 2
-REPORT_PARTS = ("layer_time_s", "reallocated", "sparsity", "experts", "counts")
+REPORT_PARTS = ("layer_time_s", "reallocated", "sparsity", "experts", "counts", "selection")
+OPTIONAL_PARTS = ("selection",)  # absent from the shards of runs without it (and of older versions)
 
 
 def block_file(i: int) -> str:
@@ -223,7 +224,7 @@ class WorkDir:
             try:
                 report = json.loads(meta["zpruner_report"])
                 for part in REPORT_PARTS:
-                    self._reports[part].update(report[part])
+                    self._reports[part].update(report.get(part, {}) if part in OPTIONAL_PARTS else report[part])
             except (KeyError, ValueError, TypeError, AttributeError):
                 raise self._refuse(f"holds a shard {block_file(i)} without its report") from None
 

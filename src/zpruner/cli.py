@@ -8,8 +8,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, positive_float, positive_int, seed,
-                       window)
+from .argtypes import (Parser, clamp_range, comma_list, finite, non_negative_float, non_negative_int, positive_float,
+                       positive_int, seed, window)
 from .config import RunConfig, options
 from .errors import ZprunerError
 from .executors import RayExecutor
@@ -27,8 +27,10 @@ from .sweep import describe as describe_run
 # An option's kind -> how its flag's text is read (the value's range and choices are then the
 # configuration's checks, the same for the CLI, the API and grids)
 _PARSERS = {"text": str, "path": str, "pattern": str, "tasks": str, "choice": str, "int": positive_int, "seed": seed,
-            "window": window, "fraction": finite, "sparsity": finite}
+            "window": window, "fraction": finite, "sparsity": finite, "recipe": str}
 _CONSTANT_PARSERS = {"int": positive_int, "float": finite, "range": clamp_range}
+# a registered method's kind -> the option that chooses it
+_OWNER_OPTIONS = {"update": "--update", "allocation": "--allocation", "selection": "--select"}
 
 
 def _default_text(opt: Option) -> str:
@@ -45,7 +47,7 @@ def _add_option(target, opt: Option) -> None:
     if opt.kind == "flag":
         target.add_argument(opt.flag, action="store_true", default=None, help=opt.help)
         return
-    names = opt.choice_names() if opt.kind == "choice" else ()
+    names = opt.choice_names()
     metavar = opt.metavar or ("{" + ",".join(names) + "}" if names else None)
     target.add_argument(opt.flag, type=_PARSERS[opt.kind], metavar=metavar, help=opt.help + _default_text(opt))
 
@@ -56,9 +58,10 @@ def _add_constant_option(group, constant: Constant) -> None:
     by_option: dict[str, list[str]] = {}
     for owner in constant.owners:
         kind, name = owner.split(" ", 1)
-        by_option.setdefault({"update": "--update", "allocation": "--allocation"}.get(kind, "--method"), []).append(name)
+        by_option.setdefault(_OWNER_OPTIONS.get(kind, "--method"), []).append(name)
     owners = "; ".join(f"{option} {', '.join(names)}" for option, names in by_option.items())
-    group.add_argument("--" + constant.name.replace("_", "-"), type=_CONSTANT_PARSERS[constant.kind],
+    parse = non_negative_int if constant.kind == "int" and constant.minimum == 0 else _CONSTANT_PARSERS[constant.kind]
+    group.add_argument("--" + constant.name.replace("_", "-"), type=parse,
                        metavar="LO,HI" if constant.kind == "range" else None,
                        help=f"{constant.help} (used by {owners}). Default: {default}")
 

@@ -14,8 +14,9 @@ from .errors import ZprunerError
 from .options import Option, check_fields, of_class, option
 from .patterns import Pattern
 from .protocols import PROTOCOLS, describe, expand
-from .registry import Method, allocation_names, constants, get_allocation, get_method, get_update, method_names, \
-    update_names
+from .recipes import RECIPES, apply_recipe
+from .registry import Method, allocation_names, constants, get_allocation, get_method, get_selection, get_update, \
+    method_names, selection_names, update_names
 from .tasks import parse_tasks
 
 SCHEMA_VERSION = 1
@@ -48,7 +49,7 @@ class PruneConfig:
     pattern: str = option("unstructured", "'unstructured' or N:M (N zeros in every M consecutive inputs), e.g. "
                           "2:4, 4:8", "pattern", grid="axis", axis="patterns")
     group: str | None = option(None, "where unstructured masks compare scores; default: the method's (wanda: row, "
-                               "magnitude: layer)", "choice", choices=GROUPS)
+                               "magnitude: layer; the admm solver's gradual mask: layer)", "choice", choices=GROUPS)
     nsamples: int = option(128, "calibration windows", "int", preset=True, grid="axis", axis="nsamples",
                            keyed="needs_calibration")
     seqlen: int = option(2048, "calibration window tokens", "int", preset=True, commands=("prune", "sweep"),
@@ -77,6 +78,9 @@ class PruneConfig:
     expert_stats: str = option("own", "an expert's statistics: own (its routed tokens; too few: the pooled ones, "
                                "reported) or pooled (every token its block's experts saw)", "choice",
                                choices=EXPERT_STATS, group=_MOE, keyed="changed")
+    select: str = option("none", "how much of the reconstruction each matrix keeps: none (all), or heldout (the mask "
+                         "alone or the reconstruction shrunk toward it, whichever errs least on data the fit did not "
+                         "see: docs/reconstruction.md)", "choice", choices=selection_names, keyed="changed")
     constants: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -127,6 +131,7 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         self.sparsity = float(self.sparsity)  # 0.5 from anywhere, one run key
+        self._check_selection()
         if self.calib_batch_size is None:
             self.calib_batch_size = max(1, CALIB_BATCH_TOKENS // self.seqlen)
         if self.reallocate and (not pattern.is_nm or self.method_entry.kind != "score"):
@@ -138,8 +143,20 @@ class PruneConfig:
             others = [name for name in update_names() if not get_update(name).needs_hessian]
             choices = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0]
             raise ZprunerError(f"method {self.method} already reconstructs; use --update {choices}")
-        if self.method_entry.kind == "solver" and self.group is not None:
+        if self.method_entry.kind == "solver" and self.group is not None and self.method_entry.default_group is None:
             raise ZprunerError(f"--group does not apply to method {self.method}: it chooses its mask in its solver")
+
+    def _check_selection(self) -> None:
+        """A selection scales a reconstruction's ridge; held-out windows are 2 batches or more if they can be."""
+        if not get_selection(self.select).needs_split:
+            return
+        reconstruction = self.method_entry if self.method_entry.kind == "solver" else self.update_entry
+        if reconstruction.ridge is None:
+            raise ZprunerError(f"--select {self.select} chooses how strongly a reconstruction is applied; use a solver "
+                               "(--method sparsegpt or admm) or --update sparsegpt or admm")
+        if self.calib_batch_size is None and self.constants["heldout_texts"] == 0:
+            every = self.constants["heldout_every"]
+            self.calib_batch_size = max(1, min(CALIB_BATCH_TOKENS // self.seqlen, self.nsamples // (2 * every)))
 
     @property
     def method_entry(self) -> Method:
@@ -177,9 +194,9 @@ class PruneConfig:
         return Pattern.parse(self.pattern)
 
     def used_constants(self) -> dict[str, Any]:
-        """The constants of the method, the update and the allocation this configuration uses."""
-        used = [f.name for entry in (self.method_entry, self.update_entry, self.allocation_entry)
-                for f in entry.constant_fields]
+        """The constants of the method, update, allocation and selection this configuration uses."""
+        entries = (self.method_entry, self.update_entry, self.allocation_entry, get_selection(self.select))
+        used = [f.name for entry in entries for f in entry.constant_fields]
         return {name: self.constants[name] for name in used}
 
     def for_block(self, sparsity: float) -> "PruneConfig":
@@ -213,14 +230,13 @@ class PruneConfig:
         may hold values that today's checks refuse (EC's clamp was once 0,inf)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"constants"}
         used: set[str] = set()
-        for lookup, name in ((get_method, d.get("method", cls.method)), (get_update, d.get("update", cls.update)),
-                             (get_allocation, d.get("allocation", cls.allocation))):
+        for lookup, key in ((get_method, "method"), (get_update, "update"), (get_allocation, "allocation"),
+                            (get_selection, "select")):
             try:
-                used |= {f.name for f in lookup(name).constant_fields}
+                used |= {f.name for f in lookup(d.get(key, getattr(cls, key))).constant_fields}
             except ZprunerError:
                 pass  # the constructor names the unknown method or update
         return cls(**{k: v for k, v in d.items() if k in names or k in used})
-
 
 
 @dataclass
@@ -238,7 +254,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, options("eval"))
-
 
 
 @dataclass
@@ -260,7 +275,6 @@ class ZeroShotConfig:
         self.tasks = list(parse_tasks(self.tasks))
 
 
-
 @dataclass
 class ModelConfig:
     """``name``: a hub id, a local directory, a .gguf file or a built-in alias."""
@@ -278,7 +292,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, options("model"))
-
 
 
 @dataclass
@@ -302,6 +315,10 @@ class RunConfig:
     protocol: str | None = option(None, "preset of calibration and perplexity options (explicit options win): "
                                   + "; ".join(describe(name) for name in PROTOCOLS), "choice", choices=tuple(PROTOCOLS),
                                   group="", commands=_ALL, keyed=False)
+    # a name given; what it chose stored (zpruner.recipes.apply_recipe), which is in ``prune`` too
+    recipe: str | dict | None = option(None, "zpruner's advice for the --pattern and --sparsity: fills the pruning "
+                                       "options not given (explicit ones win); the results say what it chose "
+                                       "(docs/reconstruction.md)", "recipe", choices=RECIPES, grid="", keyed=False)
     overwrite: bool = option(False, "let --save replace a previous zpruner model (a folder holding zpruner.json); "
                              "no other folder is ever replaced", "flag", group=_OUTPUTS, grid="", keyed=False)
     offload: str = option("auto", "where the weights live: none = all on the device; cpu = in CPU memory, one block "
@@ -340,6 +357,7 @@ class RunConfig:
         if unknown:
             raise ZprunerError(f"unknown option(s) {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options_.items() if v is not None}
+        given, given["recipe"] = apply_recipe(given.pop("recipe", None) if prune else None, given)
         given.update(expand(protocol, {o.name: given.pop(o.name, None) for o in by_name.values() if o.preset}))
         sections: dict[str, dict[str, Any]] = {"model": {}, "prune": {}, "eval": {}, "zero_shot": {}, "run": {}}
         for name, value in given.items():
@@ -375,19 +393,6 @@ def options(section: str | None = None) -> list[Option]:
     in declaration order; a method's constants are the registry's (``registry.constants``)."""
     found = [o for name, cls in _SECTIONS.items() for o in of_class(cls, name)] + list(_EXTRA)
     return [o for o in found if section is None or o.section == section]
-
-
-def check_option(name: str, value: Any) -> Any:
-    """One option's or registered constant's value checked by its name, alone (a grid's
-    setting, before any combination is built); None always passes."""
-    if value is None:
-        return None
-    for o in options():
-        if o.name == name:
-            return o.check(value)
-    if name in constants():
-        return constants()[name].validate(value)
-    raise ZprunerError(f"option '{name}' is unknown")
 
 
 STREAMED_ZERO_SHOT = ("zero-shot tasks (--tasks) run through lm-eval on the whole model in memory, and this model "

@@ -4,7 +4,8 @@ decoder blocks one at a time and lets a callback act on each block in between.
 Per block: ``visit(i, block, forward)`` (the callback may run ``forward()`` under its own
 hooks to collect statistics, then edit the block's weights; ``forward(limit=k)`` runs only
 the first k batches and returns their outputs, to check an edit; ``forward(inputs_of=m)``
-runs each batch only as far as the modules m have received their inputs), then the block
+runs each batch only as far as the modules m have received their inputs;
+``forward(batches=[j, ...])`` runs those batches only), then the block
 is run once more, hooks off, to produce the next block's inputs from the edited weights.
 
 Calibration samples travel in batches of ``batch_size``: the model itself is called on each
@@ -88,11 +89,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, samples: torch.Tensor, progress: bool = True, batch_size: int = 1,
+    model: nn.Module, samples: torch.Tensor | list[torch.Tensor], progress: bool = True, batch_size: int = 1,
     device: torch.device | None = None,
 ) -> tuple[list[torch.Tensor], list[BlockCall]]:
     """Run the model up to its first block for each batch of ``batch_size`` samples
-    (samples: [n, seqlen] token ids; the last batch may be smaller).
+    (samples: [n, seqlen] token ids; the last batch may be smaller), or for each of a list of
+    batches ([b, length] each, lengths may differ between batches).
 
     Returns the first block's hidden-state input per batch and how it was called.
     """
@@ -119,7 +121,8 @@ def capture_block_inputs(
     device = device if device is not None else model_device(model)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in bar(samples.split(batch_size), desc="capture inputs", unit="batch", disable=not progress,
+        batches = samples if isinstance(samples, (list, tuple)) else samples.split(batch_size)
+        for batch in bar(batches, desc="capture inputs", unit="batch", disable=not progress,
                           leave=False):
             try:
                 model(batch.to(device), use_cache=False)
@@ -132,7 +135,7 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_layerwise(
-    model: nn.Module, samples: torch.Tensor, visit: Visit | None = None, progress: bool = True,
+    model: nn.Module, samples: torch.Tensor | list[torch.Tensor], visit: Visit | None = None, progress: bool = True,
     batch_size: int = 1, last_outputs: bool = True, blocks: Blocks | None = None,
     after: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
     resume: tuple[int, list[torch.Tensor]] | None = None, spill: str | os.PathLike | None = None,
@@ -167,8 +170,8 @@ def run_layerwise(
         for i in bar(range(start, len(blocks)), desc="blocks", unit="block", disable=not progress):
             block = blocks.load(i)
             if visit is not None:
-                visit(i, block, lambda limit=None, inputs_of=None, block=block:
-                      _forward(block, calls, hidden, False, limit, inputs_of))
+                visit(i, block, lambda limit=None, inputs_of=None, batches=None, block=block:
+                      _forward(block, calls, hidden, False, limit, inputs_of, batches))
             if last_outputs or i < len(blocks) - 1:
                 _forward(block, calls, hidden, keep=True)
             if after is not None:
@@ -259,11 +262,17 @@ def _bypassed(blocks: nn.ModuleList, last_hidden: torch.Tensor, call: BlockCall)
 
 def _forward(
     block: nn.Module, calls: list[BlockCall], hidden: list[torch.Tensor], keep: bool, limit: int | None = None,
-    inputs_of: list[nn.Module] | None = None,
+    inputs_of: list[nn.Module] | None = None, batches: list[int] | None = None,
 ) -> list[torch.Tensor] | None:
     """Run the block on every batch (keep: the outputs become the next inputs), or on
     the first ``limit`` batches only, returning their outputs; or, given ``inputs_of``,
-    on every batch only as far as those modules have received their inputs."""
+    on every batch only as far as those modules have received their inputs. ``batches``
+    (indices, without ``keep`` or ``limit``): only those batches, e.g. a statistics pass
+    over part of the calibration data (``zpruner.heldout``)."""
+    if batches is not None:
+        if keep or limit is not None:
+            raise ValueError("a forward over some batches only produces no outputs")
+        calls, hidden = [calls[j] for j in batches], [hidden[j] for j in batches]
     if inputs_of and not keep and limit is None:
         _run_for_inputs(block, calls, hidden, list(inputs_of))
         return None

@@ -21,7 +21,8 @@ from .errors import ZprunerError
 from .patterns import Pattern, check_sparsity
 from .tasks import parse_tasks
 
-KINDS = ("text", "path", "int", "seed", "window", "fraction", "flag", "choice", "sparsity", "pattern", "tasks")
+KINDS = ("text", "path", "int", "seed", "window", "fraction", "flag", "choice", "sparsity", "pattern", "tasks",
+         "recipe")
 # keyed: True, False, "changed" (only when it differs from its default: the option is newer than
 # results files keyed without it) or the name of a boolean property of the configuration that
 # says whether the option decides its results (e.g. calibration settings of a data-free method).
@@ -117,6 +118,12 @@ def _choice(opt: Option, value):
     return value
 
 
+def _recipe(opt: Option, value):
+    # a name as given, or the record of what it chose that a run stores (zpruner.recipes)
+    _choice(opt, value.get("name") if isinstance(value, dict) else value)
+    return value
+
+
 def _tasks(opt: Option, value):
     if not isinstance(value, (str, list, tuple)):
         raise ZprunerError(f"tasks (--tasks) must be task names such as arc_easy,boolq, got {value!r}")
@@ -126,7 +133,8 @@ def _tasks(opt: Option, value):
 
 # kind -> check(option, value) -> the value as stored
 _CHECKS = {"path": _path, "text": _text, "pattern": _pattern, "int": _integer, "seed": _integer, "window": _integer,
-           "flag": _flag, "fraction": _fraction, "sparsity": _sparsity, "choice": _choice, "tasks": _tasks}
+           "flag": _flag, "fraction": _fraction, "sparsity": _sparsity, "choice": _choice, "tasks": _tasks,
+           "recipe": _recipe}
 
 
 def option(default: Any, help: str, kind: str, **spec) -> Any:

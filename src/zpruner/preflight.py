@@ -12,8 +12,10 @@ from torch import nn
 
 from .config import STREAMED_ZERO_SHOT, EvalConfig, RunConfig
 from .errors import ZprunerError
+from .heldout import ONE_BATCH, STREAMED_GENERATION
 from .io import check_model_target, check_output_file, check_output_folder, is_results_file, same_file_system
 from .layers import check_pattern, find_blocks
+from .registry import get_selection
 
 
 def check_output_paths(config: RunConfig) -> None:
@@ -110,8 +112,22 @@ def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool)
     if config.prune is not None:
         check_pattern(model, config.prune.parsed_pattern)
         check_context(model, config.prune.seqlen, "--seqlen")
+        _check_heldout(model, config.prune, streamed)
     if config.eval is not None:
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
+
+
+def _check_heldout(model: nn.Module, prune, streamed: bool) -> None:
+    """--select heldout: two calibration parts, or text the dense model generates (the whole
+    model in memory, within its context), known before the model is calibrated."""
+    if not get_selection(prune.select).needs_split:
+        return
+    if prune.heldout_texts == 0 and -(-prune.nsamples // prune.calib_batch_size) < 2:
+        raise ZprunerError(ONE_BATCH)
+    if prune.heldout_texts > 0 and streamed:
+        raise ZprunerError(STREAMED_GENERATION)
+    if prune.heldout_texts > 0 and prune.heldout_length:
+        check_context(model, prune.heldout_length, "--heldout-length")
 
 
 def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:

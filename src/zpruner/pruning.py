@@ -13,18 +13,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import PruneConfig
+from .config import CALIB_BATCH_TOKENS, PruneConfig
 from .checkpoint import WorkDir
 from .engine import model_device, run_layerwise
 from .errors import ZprunerError
 from .expert_removal import ExpertTally, experts_to_keep, remove_experts, update_config
+from .heldout import Split, heldout_batches, pooled_split, selected_weights, split_recorded
 from .experts import check_seen, observed
 from .layers import Matrix, block_counts, block_experts, block_prefix, check_pattern, find_matrices
 from .masks import keep_mask
 from .offload import Blocks
 from .progress import bar
 from .reallocation import best_permutation
-from .stats import ActivationStats, Recorded, pooled, record_inputs
+from .registry import get_selection
+from .stats import ActivationStats, Recorded, record_inputs
 from .weights import checkpoint_names
 
 
@@ -46,6 +48,8 @@ class PruneReport:
     # per block index (as text), counted as each block is checkpointed (a streamed run): zeros
     # and totals of the pruned matrices and of every block weight, and what was left alone
     counts: dict[str, dict] = field(default_factory=dict)
+    # --select: per matrix, what the selection chose (zpruner.heldout.select's record)
+    selection: dict[str, dict] = field(default_factory=dict)
 
 
 def pruned_weights(
@@ -56,7 +60,7 @@ def pruned_weights(
     method = config.method_entry
     if method.kind == "solver":
         W, keep = method(W0, stats, sparsity=config.sparsity, pattern=config.parsed_pattern,
-                         constants=config.constants)
+                         constants=config.constants, **_solver_group(config))
     else:
         keep = keep_mask(method(W0, stats, constants=config.constants), config.sparsity, config.parsed_pattern,
                          config.group or method.default_group)
@@ -67,13 +71,21 @@ def pruned_weights(
     return config.update_entry(W0, W, keep, stats, constants=config.constants), keep
 
 
+def _solver_group(config: PruneConfig) -> dict:
+    """A solver that compares its mask over a group (one with a default_group) gets it."""
+    group = config.group or config.method_entry.default_group
+    return {} if group is None else {"group": group}
+
+
 @torch.no_grad()
-def prune_matrix(matrix: Matrix, stats: ActivationStats | None, config: PruneConfig) -> torch.Tensor:
-    """Prune and update one matrix in place; returns keep: [out, in]."""
+def prune_matrix(matrix: Matrix, stats: ActivationStats | Split | None, config: PruneConfig) -> tuple[torch.Tensor, dict | None]:
+    """Prune and update one matrix in place; returns (keep: [out, in], the selection's record or None)."""
     W = matrix.weight
-    new, keep = pruned_weights(W, stats, config)
+    split = isinstance(stats, Split)
+    new, keep, *record = selected_weights(W, stats, config, _solver_group(config)) if split else \
+        pruned_weights(W, stats, config)
     W.copy_(new.to(W.dtype))
-    return keep
+    return keep, record[0] if record else None
 
 
 def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
@@ -88,7 +100,9 @@ def permute_inputs(layer: nn.Module, producers: list[nn.Module], perm: torch.Ten
             producer.bias.copy_(producer.bias[perm])
 
 
-def permute_stats(stats: ActivationStats, perm: torch.Tensor) -> None:
+def permute_stats(stats: ActivationStats | Split, perm: torch.Tensor) -> None:
+    if isinstance(stats, Split):
+        return stats.each(lambda part: permute_stats(part, perm))
     stats.sum, stats.sumsq = stats.sum[perm], stats.sumsq[perm]
     if stats.xtx is not None:
         stats.xtx = stats.xtx[perm][:, perm]
@@ -166,9 +180,13 @@ def prune(
             blocks.done(i, block)
     else:
         _require_tokens(calibration, f"method '{config.method}'")
+        samples = calibration  # with --select heldout, held-out batches too (and which batches they are)
+        if get_selection(config.select).needs_split:
+            samples, step.parts = heldout_batches(model, calibration, config, type(blocks) is not Blocks,
+                                                  CALIB_BATCH_TOKENS)
         resume = (first, checkpoint.activations()) if 0 < first < len(blocks) else None
         if first < len(blocks):
-            run_layerwise(model, calibration, step.visit, progress, config.calib_batch_size, last_outputs=False,
+            run_layerwise(model, samples, step.visit, progress, config.calib_batch_size, last_outputs=False,
                           blocks=blocks, after=finished, resume=resume, spill=spill)
     report.total_s = time.perf_counter() - start
     return report
@@ -180,6 +198,7 @@ class _BlockStep:
 
     def __init__(self, model: nn.Module, config: PruneConfig, report: PruneReport, prefix: str):
         self.model, self.config, self.report, self.prefix = model, config, report, prefix
+        self.parts: tuple[list[int], list[int]] | None = None  # --select heldout: (fitted, held-out) batches
 
     def visit(self, i: int, block: nn.Module, forward) -> None:
         config = self.config
@@ -187,10 +206,14 @@ class _BlockStep:
             self.remove_experts(i, block, forward)
         matrices = find_matrices(block)
         linear_only = all(m.expert is None for m in matrices.values())
-        with record_inputs(matrices, hessian=config.uses_hessian, pool_experts=config.expert_stats == "pooled") \
-                as stats:
-            # a pass that stops once every layer has its input, where no experts must run to the end
-            forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None)
+        recorded = []
+        for batches in self.parts or [None]:  # one pass, or one per part of a held-out split
+            with record_inputs(matrices, hessian=config.uses_hessian,
+                               pool_experts=config.expert_stats == "pooled") as stats:
+                # a pass that stops once every layer has its input, where no experts must run to the end
+                forward(inputs_of=[m.layer for m in matrices.values()] if linear_only else None, batches=batches)
+            recorded.append(stats)
+        stats = recorded[0] if len(recorded) == 1 else split_recorded(*recorded, calibration=config.heldout_texts == 0)
         self.report_experts(i, block, matrices, stats)
         self.prune_block(i, block, matrices, stats, forward)
 
@@ -209,7 +232,9 @@ class _BlockStep:
                 gain = reallocate_inputs(matrix, matrices, matrix_stats, block_config, forward)
                 if gain is not None:
                     report.reallocated[full] = gain
-            prune_matrix(matrix, matrix_stats, block_config)
+            _, record = prune_matrix(matrix, matrix_stats, block_config)
+            if record is not None:
+                report.selection[full] = record
             report.layer_time_s[full] = time.perf_counter() - t
 
     def remove_experts(self, i: int, block: nn.Module, forward) -> None:
@@ -260,7 +285,7 @@ class _BlockStep:
             thin = [n for n in names if stats.tokens[n] < min_tokens(self.config, matrices[n])]
             if not thin:
                 continue
-            shared = pooled([stats[n] for n in names])
+            shared = pooled_split([stats[n] for n in names])
             for name in thin:
                 m = matrices[name]
                 fallbacks = self.report.experts[f"{self.prefix}.{i}.{m.experts.name}"]["fallback"]
@@ -280,6 +305,7 @@ class _BlockStep:
         self.report.counts[str(i)] = counts
         return {"layer_time_s": {n: self.report.layer_time_s[n] for n in names if n in self.report.layer_time_s},
                 "reallocated": {n: self.report.reallocated[n] for n in names if n in self.report.reallocated},
+                "selection": {n: self.report.selection[n] for n in names if n in self.report.selection},
                 "sparsity": per_matrix, "experts": experts, "counts": {str(i): counts}}
 
 

@@ -25,7 +25,12 @@ Signatures by kind (W: [out, in] float32, keep: bool, True = kept):
   own mask inside a reconstruction;
 - update: ``fn(W0, W, keep, stats, **constants) -> W'``, where W0 is the dense layer and W
   the pruned one, or None for W0 masked by keep (the update may then build it cheaper);
-  every update returns exactly keep's zeros.
+  every update returns exactly keep's zeros;
+- selection: ``fn(W0, split, families, **constants) -> (W', keep, record)``
+  (``--select``): how strongly a reconstruction is applied to one matrix, decided on
+  data it was not fitted on (zpruner.heldout); ``families[name](stats, factor)`` is a
+  reconstruction with its mask ('configured': the configuration's own) fitted on
+  ``stats`` with its ridge constant (``ridge`` below) multiplied by ``factor``.
 Constants are passed under their field names, or under ``constant(keyword=...)``.
 
 A registered function is the method's formula, written to be read. A faster version of it
@@ -37,6 +42,7 @@ result, bit for bit or within a tolerance its docstring states, and tests hold i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +52,7 @@ from typing import Any
 from .checks import check_float, check_int, check_pair
 from .errors import ZprunerError
 
-KINDS = ("score", "solver", "update", "allocation")
+KINDS = ("score", "solver", "update", "allocation", "selection")
 
 
 def constant(default, help: str, *, minimum: float | None = None, strict: bool = False,
@@ -102,7 +108,11 @@ class Method:
     constants: type | None = None
     needs_activations: bool = False  # reads the calibration inputs' statistics
     needs_hessian: bool = False  # reads XᵀX (implies activations); also: reconstructs the weights
-    default_group: str | None = None  # scores: where unstructured masks compare ('row' or 'layer')
+    default_group: str | None = None  # scores (and solvers that take --group): where unstructured masks compare
+    # reconstructions: the constant that pulls the solution toward the dense weights (a ridge,
+    # stronger when larger), which a selection (--select) may scale
+    ridge: str | None = None
+    needs_split: bool = False  # selections: reads calibration statistics in two parts (fit, held out)
     fast: Callable | None = None  # fn's faster version, same signature (Registry.accelerate)
     applies: Callable[..., bool] | None = None  # where fast runs: applies(*args, **kwargs); None: always
 
@@ -135,7 +145,7 @@ class Registry(dict):
 
     def register(self, name: str, *, constants: type | None = None, **flags) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` under ``name``; ``flags`` are ``Method``'s
-        (needs_activations, needs_hessian, default_group)."""
+        (needs_activations, needs_hessian, default_group, ridge, needs_split)."""
         def wrap(fn: Callable) -> Callable:
             self.add(Method(self.kind, name, fn, constants, **flags))
             return fn
@@ -158,7 +168,24 @@ class Registry(dict):
                 _check_same_definition(f)
         if self.kind == "score" and method.default_group not in ("row", "layer"):
             raise ValueError(f"score '{method.name}' needs default_group 'row' or 'layer'")
+        if method.ridge is not None and method.ridge not in {f.name for f in method.constant_fields}:
+            raise ValueError(f"{self.kind} '{method.name}': ridge '{method.ridge}' is not one of its constants")
         self[method.name] = method
+        self._in_builtin_order()
+
+    def _in_builtin_order(self) -> None:
+        """The built-ins in BUILTIN_MODULES' order, then the others as registered: a test or a
+        script that imports zpruner.admm before the built-ins load must not reorder the
+        choices that help texts, error messages and reports list."""
+        def rank(method: Method) -> int:
+            fn = method.fn.func if isinstance(method.fn, functools.partial) else method.fn  # EC's passes
+            module = getattr(fn, "__module__", "").removeprefix(f"{__package__}.")
+            return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+        ordered = sorted(self.values(), key=rank)  # stable: a module's own order is kept
+        if list(self.values()) != ordered:
+            self.clear()
+            self.update((m.name, m) for m in ordered)
 
     def accelerate(self, name: str, *, applies: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
         """Decorator: attach ``fast`` to the registered method ``name``, to run instead of its
@@ -205,13 +232,15 @@ SOLVERS = Registry("solver", "--method")
 UPDATES = Registry("update", "--update")
 # How the target sparsity is shared out among the decoder blocks (zpruner.allocation)
 ALLOCATIONS = Registry("allocation", "--allocation")
+# How strongly a reconstruction is applied per matrix, judged on held-out data (zpruner.heldout)
+SELECTIONS = Registry("selection", "--select")
 
 
 # The built-in methods register themselves when their modules are imported, in the order
 # help texts and reports list them, then the CPU fast paths attach their faster versions to
 # them (zpruner.kernels). That happens on the first lookup, so that describing a run
 # (zpruner.config) imports no torch.
-BUILTIN_MODULES = ("scores", "updates", "sparsegpt", "admm", "allocation", "kernels.score_passes")
+BUILTIN_MODULES = ("scores", "updates", "sparsegpt", "admm", "allocation", "heldout", "kernels.score_passes")
 _loaded = False
 
 
@@ -247,6 +276,11 @@ def allocation_names() -> list[str]:
     return list(ALLOCATIONS)
 
 
+def selection_names() -> list[str]:
+    load_builtins()
+    return list(SELECTIONS)
+
+
 def get_method(name: str) -> Method:
     """The score or solver called ``name``."""
     for registry in _method_kinds():
@@ -265,6 +299,11 @@ def get_allocation(name: str) -> Method:
     return ALLOCATIONS.get_method(name)
 
 
+def get_selection(name: str) -> Method:
+    load_builtins()
+    return SELECTIONS.get_method(name)
+
+
 def constants() -> dict[str, Constant]:
     """Every registered constant by name, in registration order, with all its owners."""
     load_builtins()
@@ -273,7 +312,7 @@ def constants() -> dict[str, Constant]:
 
 def _registered_constants() -> dict[str, Constant]:
     found: dict[str, Constant] = {}
-    for registry in (SCORES, SOLVERS, UPDATES, ALLOCATIONS):
+    for registry in (SCORES, SOLVERS, UPDATES, ALLOCATIONS, SELECTIONS):
         for method in registry.values():
             for f in method.constant_fields:
                 owner = f"{method.kind} {method.name}"

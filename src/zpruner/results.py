@@ -85,6 +85,7 @@ class RunResult:
     layer_time_s: dict[str, float] | None = None
     reallocated: dict[str, dict[str, float]] | None = None
     block_sparsity: list[float] | None = None  # an allocation's target per decoder block (not uniform)
+    selection: dict[str, dict] | None = None  # --select: per matrix, what was chosen (zpruner.heldout)
     measured: Measurement | None = None
     sparsity: dict[str, Any] | None = None
     experts: dict[str, Any] | None = None  # per MoE experts module: routed tokens, fallbacks, removed experts

@@ -190,6 +190,8 @@ class _Run:
             result.reallocated = report.reallocated
         if report.block_sparsity:
             result.block_sparsity = report.block_sparsity
+        if report.selection:
+            result.selection = report.selection
         return report
 
     def count(self, report: PruneReport | None) -> None:

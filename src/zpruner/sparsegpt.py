@@ -189,13 +189,13 @@ class SparseGPTConstants:
     damp: float = constant(0.01, "SparseGPT damping, fraction of the mean Hessian diagonal", minimum=0.0, strict=True)
 
 
-@SOLVERS.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants)
+@SOLVERS.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants, ridge="damp")
 def solve(W0: torch.Tensor, stats, *, sparsity: float, pattern: Pattern, blocksize: int, damp: float):
     """The mask chosen inside the reconstruction (the paper's adaptive mask selection)."""
     return sparsegpt(W0, stats.xtx, sparsity=sparsity, pattern=pattern, blocksize=blocksize, damp=damp)
 
 
-@UPDATES.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants)
+@UPDATES.register("sparsegpt", needs_hessian=True, constants=SparseGPTConstants, ridge="damp")
 def reconstruct(W0: torch.Tensor, W: torch.Tensor | None, keep: torch.Tensor, stats, *, blocksize: int,
                 damp: float) -> torch.Tensor:
     """Another method's mask, the kept weights reconstructed from the dense ones."""

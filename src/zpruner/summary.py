@@ -8,8 +8,13 @@ def format_summary(result: RunResult) -> str:
     p = result.prune
     lines = [f"model       {result.model_name}"]
     if p:
+        recipe = result.config.get("recipe")
+        if isinstance(recipe, dict):  # what --recipe chose (RunConfig.from_options)
+            over = recipe.get("overridden_by_options") or {}
+            lines.append(f"recipe      {recipe['name']}: " + "  ".join(f"{k} {v}" for k, v in recipe["chose"].items())
+                         + (f"  (given instead: {', '.join(f'{k} {v}' for k, v in over.items())})" if over else ""))
         lines.append(f"method      {p['method']}  update {p['update']}  sparsity {p['sparsity']:.2f}  "
-                     f"pattern {p['pattern']}")
+                     f"pattern {p['pattern']}" + ("" if p.get("select", "none") == "none" else f"  select {p['select']}"))
         if result.block_sparsity:
             b = result.block_sparsity
             lines.append(f"allocation  {p.get('allocation')}: block sparsity {100 * min(b):.1f} % to {100 * max(b):.1f} %")

@@ -27,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .checks import check_bool
-from .config import RunConfig, check_option, options
+from .config import RunConfig, options
 from .errors import ZprunerError
 from .executors import LocalExecutor
 from .io import check_output_file, dumps_json, refuse_special, write_failure
@@ -55,11 +55,19 @@ def settings() -> tuple[str, ...]:
 
 
 def check_setting(name: str, value: Any) -> None:
-    """A grid file's fixed setting: its type and range, as the option of the same name."""
+    """A grid file's fixed setting: its type and range, as the option or registered constant
+    of the same name, alone (before any combination is built)."""
     if name == "dense":
         check_bool(name, value)
-    else:
-        check_option(name, value)
+        return
+    for o in options():
+        if o.name == name:
+            o.check(value)
+            return
+    if name not in constants():
+        raise ZprunerError(f"option '{name}' is unknown")
+    if value is not None:
+        constants()[name].validate(value)
 
 
 @dataclass
@@ -249,7 +257,7 @@ def describe(config: RunConfig) -> str:
     if p is None:
         return f"{config.model.name} dense"
     what = (p.method + ("" if p.update == "none" else f"+{p.update}") + ("+realloc" if p.reallocate else "")
-            + ("" if p.allocation == "uniform" else f"+{p.allocation}"))
+            + ("" if p.allocation == "uniform" else f"+{p.allocation}") + ("" if p.select == "none" else f"+{p.select}"))
     pattern = p.pattern if p.parsed_pattern.is_nm else f"{100 * p.sparsity:g}%"
     return f"{config.model.name} {what} {pattern} n={p.nsamples}x{p.seqlen} seed={p.seed}"
 

@@ -48,6 +48,8 @@ def method_label(prune: dict) -> str:
         label += "+realloc"
     if prune.get("allocation", "uniform") != "uniform":
         label += "+" + prune["allocation"]
+    if prune.get("select", "none") != "none":
+        label += "+" + prune["select"]
     return label
 
 
