@@ -3,7 +3,12 @@ perplexity of SmolLM2 upcycled into 4 experts (experiments/upcycle.py), its expe
 their own tokens against statistics pooled over all of a block's tokens, with the sparsity
 of every block weight counted from the weights; and the expert-removal criteria.
 
-    .venv/bin/python experiments/moe_table.py experiments/out/moe.jsonl experiments/out/moe_criteria.jsonl
+    .venv/bin/python experiments/moe_table.py experiments/out/moe.jsonl experiments/out/moe_criteria.jsonl \
+        --smollm2 experiments/out/quick_table.jsonl experiments/out/reconstruction.jsonl
+
+SmolLM2's column takes the first line of those files with the same method, pattern and 50 %
+on C4 calibration and default settings otherwise (Table 1's lines ran one calibration window
+per block forward, the default runs 8: the same method, other float rounding).
 """
 from __future__ import annotations
 
@@ -31,13 +36,21 @@ def cell(result: dict | None) -> str:
     return f"{ppl(result):.2f} ({100 * sparsity.get('all_block_weights', sparsity['overall']):.2f} %)"
 
 
+def is_plain(result: dict) -> bool:
+    """50 % or 2:4 on C4 calibration, no update, uniform allocation, nothing selected."""
+    p = prune_of(result)
+    return not p or (p.get("sparsity") == 0.5 and p.get("calibration") == "c4" and p.get("update") == "none"
+                     and p.get("allocation", "uniform") == "uniform" and not p.get("select")
+                     and not p.get("group"))
+
+
 def pruning_table(results: list[dict]) -> str:
     """Method x pattern: the upcycled model with own and pooled expert statistics, and SmolLM2
     pruned the same way: perplexity (zeros of all block weights)."""
     upcycled = [r for r in results if "moe" in r["config"]["model"]["name"]]
-    smollm2 = [r for r in results if "moe" not in r["config"]["model"]["name"]]
+    smollm2 = [r for r in results if r["config"]["model"]["name"] == "smollm2-135m" and is_plain(r)]
     rows = ["| method | pattern | upcycled, own tokens | upcycled, pooled tokens | SmolLM2 |", "|---|---|---:|---:|---:|"]
-    methods = dict.fromkeys(prune_of(r)["method"] for r in results if r["config"].get("prune"))
+    methods = dict.fromkeys(prune_of(r)["method"] for r in upcycled if r["config"].get("prune"))
     for method in methods:
         for pattern in ("unstructured", "2:4"):
             found = {}
@@ -85,8 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pruning", help="the results of experiments/moe.toml")
     parser.add_argument("criteria", nargs="?", help="the results of experiments/moe_criteria.toml")
+    parser.add_argument("--smollm2", nargs="*", default=[], help="results files with SmolLM2 runs to set beside")
     args = parser.parse_args()
-    print(pruning_table(lines(args.pruning)))
+    print(pruning_table(lines(args.pruning) + [r for path in args.smollm2 for r in lines(path)]))
     if args.criteria:
         print()
         print(criteria_table(lines(args.criteria)))

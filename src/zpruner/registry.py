@@ -201,17 +201,6 @@ class Registry(dict):
 
         return wrap
 
-    def put_builtins_first(self) -> None:
-        """Reorder: the built-ins in ``BUILTIN_MODULES``' order, then the others, each group
-        in registration order."""
-        def rank(item: tuple[str, Method]) -> int:
-            module = item[1].fn.__module__.removeprefix(f"{__package__}.")
-            return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
-
-        ordered = sorted(self.items(), key=rank)
-        self.clear()
-        self.update(ordered)
-
     def get_method(self, name: str) -> Method:
         if name not in self:
             raise ZprunerError(f"{self.kind} '{name}' is unknown; choose one of {', '.join(self)}")
@@ -250,10 +239,6 @@ def load_builtins() -> None:
         _loaded = True
         for name in BUILTIN_MODULES:
             importlib.import_module(f"{__package__}.{name}")
-        # a built-in module imported directly before the first lookup registered its methods
-        # early; the help texts, the errors and the constants' order must not depend on that
-        for registry in (SCORES, SOLVERS, UPDATES, ALLOCATIONS):
-            registry.put_builtins_first()
 
 
 def _method_kinds() -> tuple[Registry, ...]:
