@@ -4,11 +4,11 @@ their own tokens against statistics pooled over all of a block's tokens, with th
 of every block weight counted from the weights; and the expert-removal criteria.
 
     .venv/bin/python experiments/moe_table.py experiments/out/moe.jsonl experiments/out/moe_criteria.jsonl \
-        --smollm2 experiments/out/quick_table.jsonl experiments/out/reconstruction.jsonl
+        --smollm2 experiments/out/reconstruction.jsonl experiments/out/quick_table.jsonl
 
 SmolLM2's column takes the first line of those files with the same method, pattern and 50 %
-on C4 calibration and default settings otherwise (Table 1's lines ran one calibration window
-per block forward, the default runs 8: the same method, other float rounding).
+on C4 calibration and default settings otherwise (the Wanda lines ran one calibration window
+per block forward, the upcycled runs 8: the same method, other float rounding).
 """
 from __future__ import annotations
 

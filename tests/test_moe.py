@@ -18,6 +18,7 @@ from zpruner.experts import use_eager_experts
 from zpruner.layers import block_experts, find_blocks, find_matrices, iter_matrices, left_alone
 from zpruner.runner import run
 from zpruner.stats import record_inputs
+from zpruner.summary import percent_below_all
 from zpruner.workspace import Workspace
 
 VOCAB = 300
@@ -340,3 +341,12 @@ def test_experts_kept_as_a_list_of_modules(stats):
         assert sum(entry["tokens"]) == x.numel() * 2 and entry["stats"] == stats
     with pytest.raises(Exception, match="list of modules"):
         prune(model, PruneConfig(method="wanda", prune_experts=0.5, nsamples=4, seqlen=32), x, progress=False)
+
+
+def test_the_summary_never_rounds_a_share_below_all_to_all():
+    """A router is 0.02 % of a block's weights: the summary must not say the pruned matrices
+    hold 100.0 % of them."""
+    assert percent_below_all(0.9998) == "99.98"
+    assert percent_below_all(0.99995) == "99.995"
+    assert percent_below_all(0.995) == "99.5"
+    assert percent_below_all(1.0) == "100.0"

@@ -29,6 +29,16 @@ def format_summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def percent_below_all(share: float) -> str:
+    """One decimal, more where rounding would print 100.0 for a share below one (a router left
+    alone is 0.02 % of a block's weights, and it must not read as none)."""
+    for digits in (1, 2, 3, 4):
+        text = f"{100 * share:.{digits}f}"
+        if share >= 1 or float(text) < 100:
+            return text
+    return text
+
+
 def _sparsity_lines(result: RunResult) -> list[str]:
     """Zeros over the pruned matrices and over every block weight, both counted from the
     weights (results written before the second count have only the first)."""
@@ -37,7 +47,7 @@ def _sparsity_lines(result: RunResult) -> list[str]:
         return [f"sparsity    {100 * s['overall']:.2f} % of block linear weights are zero"]
     lines = [f"sparsity    {100 * s['overall']:.2f} % of the pruned matrices are zero; "
              f"{100 * s['all_block_weights']:.2f} % of all block weights (the pruned matrices hold "
-             f"{100 * s['pruned_share']:.1f} % of them)"]
+             f"{percent_below_all(s['pruned_share'])} % of them)"]
     reasons = sorted(set(s.get("left_alone", {}).values()))
     if reasons:
         lines.append(f"left alone  {'; '.join(reasons)}")
