@@ -350,3 +350,26 @@ def test_the_summary_never_rounds_a_share_below_all_to_all():
     assert percent_below_all(0.99995) == "99.995"
     assert percent_below_all(0.995) == "99.5"
     assert percent_below_all(1.0) == "100.0"
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_run_after_one_that_removed_experts_starts_from_the_whole_dense_model(tmp_path, tiny_moe_dir,
+                                                                                tiny_data_dir, offload):
+    """A sweep shares one workspace: after --prune-experts the next run must see all the
+    experts again (the kept dense weights no longer fit the shrunk modules), and give what it
+    gives alone."""
+    model = ModelConfig(str(tiny_moe_dir("qwen3_moe")), device="cpu")
+
+    def config(**options):
+        return RunConfig(model, PruneConfig(method="wanda", nsamples=4, seqlen=32, **options),
+                         EvalConfig(seqlen=32, windows=4), data_dir=str(tiny_data_dir), offload=offload)
+
+    shared = Workspace(model, str(tiny_data_dir), keep_dense=True, offload_mode=offload)
+    removed = run(config(prune_experts=0.5), progress=False, workspace=shared).to_dict()
+    assert all(len(e["kept"]) == 2 for e in removed["experts"].values())
+    after = run(config(), progress=False, workspace=shared).to_dict()
+    alone = run(config(), progress=False,
+                workspace=Workspace(model, str(tiny_data_dir), offload_mode=offload)).to_dict()
+    assert after["perplexity"] == alone["perplexity"]
+    assert after["sparsity"]["all_block_weights"] == alone["sparsity"]["all_block_weights"]
+    assert all(len(e["tokens"]) == 4 for e in after["experts"].values())

@@ -29,7 +29,8 @@ class Workspace:
 
     With ``keep_dense`` the dense weights of the decoder blocks (all that pruning edits,
     reallocation's permuted producers included) are copied to CPU memory after loading,
-    and every run after a pruned one starts from them instead of reloading the model.
+    and every run after a pruned one starts from them instead of reloading the model
+    (a run that removed experts changed the model's shape: the next one reloads it).
 
     ``offload`` (``zpruner.offload``) decides where the weights live; under 'disk' the
     model is built without weights and ``blocks`` streams them from the model's files
@@ -48,6 +49,7 @@ class Workspace:
         self._dense_blocks: offload.Blocks | None = None
         self._dense: list[dict[str, torch.Tensor]] | None = None
         self._pruned = False
+        self._reshaped = False  # experts were removed: the model's modules and config changed
         self._cache: dict[tuple, object] = {}
 
     def _cached(self, key: tuple, build):
@@ -93,7 +95,11 @@ class Workspace:
 
     def dense_model(self):
         """(model, tokenizer), with the dense weights."""
-        if self.model is None:
+        if self.model is None or self._reshaped:
+            # after --prune-experts the kept dense weights no longer fit the shrunk modules
+            # (nor, streamed, the skeleton): only a fresh load is the dense model again
+            self.model = self._dense = None
+            self._reshaped = False
             self._load()
         elif self._pruned and not self.streamed:
             if self._dense is None:
@@ -110,6 +116,7 @@ class Workspace:
     def prune(self, config: PruneConfig, calibration: torch.Tensor | None, progress: bool,
               work: WorkDir | None = None, spill: str | None = None) -> PruneReport:
         self._pruned = True
+        self._reshaped = self._reshaped or config.prune_experts > 0
         report = prune(self.model, config, calibration, progress, self.blocks, work, spill)
         if self.streamed:
             dense = self._dense_blocks
