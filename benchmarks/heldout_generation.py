@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from _common import describe_threads
+
 from zpruner.config import ModelConfig
 from zpruner.heldout import generated_text, start_token
 from zpruner.models import load_model
@@ -37,7 +39,7 @@ def main() -> None:
         start = time.perf_counter()
         model(ids)
         forward = time.perf_counter() - start
-    print(f"model {args.model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"model {args.model}, torch {torch.__version__}, {describe_threads()}")
     print(f"generated {args.texts} x {args.length} tokens: {generation:.2f} s")
     print(f"one forward over the same tokens: {forward:.2f} s ({generation / forward:.1f}x)")
 
