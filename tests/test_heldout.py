@@ -11,8 +11,8 @@ from zpruner.admm import admm
 from zpruner.cli import main
 from zpruner.errors import ZprunerError
 from zpruner.experts import use_eager_experts
-from zpruner.heldout import (Candidate, Split, choose, generated_text, output_error, ridge_factors, select,
-                             shrink_factor, split_batches)
+from zpruner.heldout import (Candidate, Split, choose, generated_text, generated_windows, output_error, ridge_factors,
+                             select, shrink_factor, split_batches)
 from zpruner.layers import find_blocks, find_matrices, iter_matrices
 from zpruner.masks import Pattern, keep_mask
 from zpruner.scores import wanda
@@ -232,6 +232,22 @@ def test_generated_heldout_text_is_the_models_own_seeded_and_never_fitted():
     W, _, record = select(W0, split, {"configured": reconstruct}, factors=[1.0], shrink=False, refit=True)
     assert calls == [fit] and record["factor"] == 1.0
     torch.testing.assert_close(W, admm(W0, fit.xtx, keep=keep)[0])
+
+
+def test_generated_documents_are_packed_into_windows_as_long_as_the_calibrations():
+    """--heldout-length L < --seqlen: documents of L tokens (the start token, then L - 1
+    sampled ones, generated in one batch: L - 1 steps), packed end to end into windows of
+    --seqlen, the last document cut; L 0 or >= --seqlen: one sampled sequence per window."""
+    model = build_tiny_model("llama", vocab_size=VOCAB)
+    start = 1
+    packed = generated_windows(model, 2, 20, 8, 0, start)
+    docs = torch.cat([torch.full((6, 1), start), generated_text(model, 6, 7, 0, start)], dim=1)
+    assert packed.shape == (2, 20)
+    assert torch.equal(packed, docs.reshape(2, 24)[:, :20])
+    assert (packed[:, [0, 8, 16]] == start).all()
+    assert torch.equal(packed, generated_windows(model, 2, 20, 8, 0, start))
+    for whole in (0, 20, 64):
+        assert torch.equal(generated_windows(model, 2, 20, whole, 0, start), generated_text(model, 2, 20, 0, start))
 
 
 def test_selection_needs_a_reconstruction_and_leaves_other_configurations_alone():

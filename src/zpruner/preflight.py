@@ -119,15 +119,14 @@ def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool)
 
 def _check_heldout(model: nn.Module, prune, streamed: bool) -> None:
     """--select heldout: two calibration parts, or text the dense model generates (the whole
-    model in memory, within its context), known before the model is calibrated."""
+    model in memory; its windows are --seqlen long, checked with the calibration's), known
+    before the model is calibrated."""
     if not get_selection(prune.select).needs_split:
         return
     if prune.heldout_texts == 0 and -(-prune.nsamples // prune.calib_batch_size) < 2:
         raise ZprunerError(ONE_BATCH)
     if prune.heldout_texts > 0 and streamed:
         raise ZprunerError(STREAMED_GENERATION)
-    if prune.heldout_texts > 0 and prune.heldout_length:
-        check_context(model, prune.heldout_length, "--heldout-length")
 
 
 def check_eval_length(tokens: torch.Tensor, seqlen: int, dataset: str) -> None:

@@ -21,18 +21,20 @@ RECIPES = ("recommended",)
 def recommended(pattern: str, sparsity: float | None, method: str | None = None) -> dict[str, Any]:
     """The advised options for this pattern and sparsity (None: the default 0.5, or N/M):
     the ADMM solver, its mask compared within each output row for unstructured sparsity
-    (``--group row``), the reconstruction shrunk per matrix toward the mask alone as far as
-    text the model generates itself says (``--select heldout``); from 70 % unstructured,
-    OWL's per-block sparsity too. Given a score ``method`` (the user's), its mask gets the
-    ADMM update instead of the solver's. Evidence: experiments/reconstruction.md."""
+    (``--group row``); below 70 % and at N:M, the reconstruction shrunk per matrix toward
+    the mask alone as far as text the model generates itself says (``--select heldout``);
+    from 70 % unstructured, OWL's per-block sparsity instead, since there the mask alone is
+    far worse and shrinking toward it lost on held-out text. Given a score ``method`` (the
+    user's), its mask gets the ADMM update instead of the solver's. Evidence:
+    experiments/reconstruction.md."""
     nm = Pattern.parse(pattern).is_nm
     entry = get_method(method or "admm")
     score = entry.kind == "score"
-    options: dict[str, Any] = {"method": "admm", "update": "admm" if score else "none", "select": "heldout"}
+    high = not nm and sparsity is not None and sparsity >= 0.7 - 1e-9
+    options: dict[str, Any] = {"method": "admm", "update": "admm" if score else "none",
+                               "select": "none" if high else "heldout", "allocation": "owl" if high else "uniform"}
     if not nm and not score and entry.default_group is not None:  # a solver that compares within a group
         options["group"] = "row"
-    high = not nm and sparsity is not None and sparsity >= 0.7 - 1e-9
-    options["allocation"] = "owl" if high else "uniform"
     return options
 
 
@@ -50,7 +52,7 @@ def apply_recipe(name: str | None, options: dict[str, Any]) -> tuple[dict[str, A
     if name not in RECIPES:
         raise ZprunerError(f"recipe '{name}' is unknown; choose one of {', '.join(RECIPES)}")
     chosen = recommended(options.get("pattern") or "unstructured", options.get("sparsity"), options.get("method"))
-    if _streamed(options):
+    if _streamed(options) and chosen["select"] == "heldout":
         chosen["heldout_texts"] = 0
     explicit = {k: options[k] for k in chosen if options.get(k) is not None and options[k] != chosen[k]}
     filled = {**options, **{k: v for k, v in chosen.items() if options.get(k) is None}}
