@@ -248,6 +248,8 @@ def test_generated_documents_are_packed_into_windows_as_long_as_the_calibrations
     assert torch.equal(packed, generated_windows(model, 2, 20, 8, 0, start))
     for whole in (0, 20, 64):
         assert torch.equal(generated_windows(model, 2, 20, whole, 0, start), generated_text(model, 2, 20, 0, start))
+    with pytest.raises(ZprunerError, match="heldout_length 1: a generated document is its start token"):
+        PruneConfig(method="admm", select="heldout", heldout_length=1)
 
 
 def test_selection_needs_a_reconstruction_and_leaves_other_configurations_alone():

@@ -188,6 +188,12 @@ def check_ridges(value: tuple[float, float]) -> None:
         raise ZprunerError(f"heldout_ridges {lo},{hi}: the factors must satisfy 0 < LO <= HI, e.g. 1,100")
 
 
+def check_length(value: int) -> None:
+    if value == 1:
+        raise ZprunerError("heldout_length 1: a generated document is its start token and at least one sampled "
+                           "token; give 0 (one document per window) or a length >= 2, e.g. 128")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HeldoutConstants:
     heldout_every: int = constant(4, "with --heldout-texts 0: one calibration batch in every N is held out", minimum=2)
@@ -204,7 +210,8 @@ class HeldoutConstants:
                                      "model itself (its own distribution); 0 = hold out calibration windows instead",
                                   minimum=0)
     heldout_length: int = constant(128, "tokens per generated document, packed end to end into the held-out "
-                                        "windows; 0 = one document per window", minimum=0)
+                                        "windows; 0 = one document per window", minimum=0,
+                                  check=check_length)
 
 
 @SELECTIONS.register("none")
