@@ -112,12 +112,12 @@ def _check_model(model: nn.Module, tokenizer, config: RunConfig, streamed: bool)
     if config.prune is not None:
         check_pattern(model, config.prune.parsed_pattern)
         check_context(model, config.prune.seqlen, "--seqlen")
-        _check_heldout(model, config.prune, streamed)
+        _check_heldout(config.prune, streamed)
     if config.eval is not None:
         check_context(model, eval_seqlen(model, config.eval), "--eval-seqlen")
 
 
-def _check_heldout(model: nn.Module, prune, streamed: bool) -> None:
+def _check_heldout(prune, streamed: bool) -> None:
     """--select heldout: two calibration parts, or text the dense model generates (the whole
     model in memory; its windows are --seqlen long, checked with the calibration's), known
     before the model is calibrated."""
